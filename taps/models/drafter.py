@@ -1,0 +1,218 @@
+"""EAGLE-2 / HASS draft head.
+
+    input pair (f_i, x_{i+1}) -> fc([embed(x_{i+1}), f_i]) (2H -> H) -> one Llama decoder layer
+    -> predicted feature f_{i+1} -> lm_head -> distribution of x_{i+2}
+
+The token embedding is the verifier's (frozen, not saved). The lm_head is the
+verifier's (frozen, not saved) or, with a reduced draft vocabulary (EAGLE-3
+style), a trainable [V_draft, H] head over the V_draft most frequent tokens
+with `d2t` mapping draft ids back to verifier token ids.
+
+A checkpoint is a directory: `model.safetensors` + `drafter.json`, which
+names the verifier it was trained for; loading refuses another verifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from taps.models.llama import DecoderLayer, KVCache, LlamaConfig, Rotary
+
+FORMAT = "taps-drafter/1"
+
+
+class DrafterMismatchError(ValueError):
+    """A drafter checkpoint does not fit the verifier it is loaded with."""
+
+
+@dataclass
+class DrafterConfig:
+    name: str  # e.g. "math"; used in strategies (single:math) and stats
+    domain: str  # what it was trained on: math, chat, code, mixed, averaged, ...
+    llama: LlamaConfig  # shape of the decoder layer (the verifier's hidden size / heads)
+    verifier: dict  # taps.models.loading.verifier_identity of the verifier it drafts for
+    draft_vocab_size: int = 0  # 0: full verifier vocabulary through the verifier's lm_head
+    objective: str = "random-init"  # eagle2, hass, averaged, or random-init (untrained)
+    training: dict = field(default_factory=dict)  # provenance: data, steps, loss, ...
+
+    @property
+    def trained(self) -> bool:
+        return self.objective != "random-init"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["llama"] = self.llama.to_dict()
+        d["format"] = FORMAT
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DrafterConfig":
+        if d.get("format") != FORMAT:
+            raise DrafterMismatchError(f"not a TAPS drafter config (format {d.get('format')!r}, want {FORMAT})")
+        d = {k: v for k, v in d.items() if k != "format"}
+        d["llama"] = LlamaConfig.from_dict(d["llama"])
+        return cls(**d)
+
+
+class EagleDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, embed_tokens: nn.Embedding, verifier_lm_head: nn.Linear):
+        super().__init__()
+        self.config = cfg
+        h = cfg.llama.hidden_size
+        # Shared, frozen verifier modules: kept out of state_dict() by living in a plain list.
+        self._frozen = [embed_tokens, verifier_lm_head]
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layer = DecoderLayer(cfg.llama)
+        self.rotary = Rotary(cfg.llama)
+        if cfg.draft_vocab_size:
+            self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+            self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
+        else:
+            self.lm_head = None
+            self.d2t = None
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self._frozen[0]
+
+    @property
+    def verifier_lm_head(self) -> nn.Linear:
+        return self._frozen[1]
+
+    def init_reduced_vocab(self, token_ids: torch.Tensor) -> None:
+        """Use `token_ids` ([V_draft], e.g. the most frequent tokens) as the draft vocabulary."""
+        assert self.lm_head is not None and token_ids.shape == (self.config.draft_vocab_size,)
+        with torch.no_grad():
+            self.d2t.copy_(token_ids.to(self.d2t.device))
+            self.lm_head.weight.copy_(self.verifier_lm_head.weight[token_ids.to(self.lm_head.weight.device)])
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        p = self.fc.weight
+        return KVCache(self.config.llama, 1, max_len, batch, p.dtype, p.device)
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        # tokens: [B, T] (x_{i+1}); hidden: [B, T, H] (f_i); positions: [B, T] -> predicted features [B, T, H]
+        assert tokens.shape == positions.shape and hidden.shape[:2] == tokens.shape, (tokens.shape, hidden.shape)
+        emb = self.embed_tokens(tokens).to(self.fc.weight.dtype)
+        x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))
+        cos, sin = self.rotary(positions, x.dtype)
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + tokens.shape[1] > cache.max_len:
+            raise ValueError(f"drafter KV cache overflow: {start} + {tokens.shape[1]} > {cache.max_len}")
+        ck = cache.k[0] if cache is not None else None
+        cv = cache.v[0] if cache is not None else None
+        out = self.layer(x, cos, sin, mask, ck, cv, start)
+        if cache is not None:
+            cache.length = start + tokens.shape[1]
+        return out
+
+    def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[.., H] -> [.., V_draft] float logits (V_draft = vocab size without a reduced vocabulary)."""
+        head = self.lm_head if self.lm_head is not None else self.verifier_lm_head
+        return head(features.to(head.weight.dtype)).float()
+
+    def to_token_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.d2t is None else self.d2t[draft_ids]
+
+
+# ---------------------------------------------------------------------- creation, save, load
+
+def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size: int = 0,
+                seed: int = 0, token_ids: torch.Tensor | None = None) -> EagleDrafter:
+    """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier)."""
+    cfg = DrafterConfig(name=name, domain=domain or name, llama=verifier.model.config,
+                        verifier=verifier.identity, draft_vocab_size=draft_vocab_size)
+    torch.manual_seed(seed)
+    m = verifier.model
+    drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
+    with torch.no_grad():  # EAGLE initialises the layer from the verifier's last layer
+        drafter.layer.load_state_dict(m.layers[-1].state_dict())
+    if draft_vocab_size:
+        drafter.init_reduced_vocab(token_ids if token_ids is not None else torch.arange(draft_vocab_size))
+    p = m.embed_tokens.weight
+    return drafter.to(device=p.device, dtype=p.dtype)
+
+
+def check_verifier(cfg: DrafterConfig, identity: dict, where: str = "") -> None:
+    want, got = cfg.verifier, identity
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        if want.get(key) != got.get(key):
+            raise DrafterMismatchError(
+                f"drafter {cfg.name!r}{where} was trained for verifier {want.get('name')!r} "
+                f"({key}={want.get(key)}), but the loaded verifier is {got.get('name')!r} ({key}={got.get(key)})")
+    fa, fb = want.get("fingerprint"), got.get("fingerprint")
+    if fa and fb and any(abs(a - b) > 1e-2 * max(1.0, abs(a)) for a, b in zip(fa, fb)):
+        raise DrafterMismatchError(
+            f"drafter {cfg.name!r}{where} was trained for verifier {want.get('name')!r} whose embedding "
+            f"fingerprint differs from the loaded verifier {got.get('name')!r}: different weights")
+
+
+def sha256_dir(path: Path) -> str:
+    """sha256 over a checkpoint's weight file (what the registry records)."""
+    h = hashlib.sha256()
+    with open(Path(path) / "model.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_drafter(drafter: EagleDrafter, directory: str | Path) -> str:
+    """Write model.safetensors + drafter.json atomically; returns the weights' sha256."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp"))
+    state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    (tmp / "drafter.json").write_text(json.dumps(drafter.config.to_json(), indent=2))
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, directory)
+    return sha256_dir(directory)
+
+
+def read_drafter_config(directory: str | Path) -> DrafterConfig:
+    directory = Path(directory)
+    cfg_file = directory / "drafter.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{directory} is not a drafter checkpoint (no drafter.json)")
+    try:
+        return DrafterConfig.from_json(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise DrafterMismatchError(f"{cfg_file} is not a valid drafter config: {e}") from e
+
+
+def load_drafter(directory: str | Path, verifier, name: str | None = None,
+                 expected_sha256: str | None = None) -> EagleDrafter:
+    """Load a drafter checkpoint for `verifier`, refusing a mismatched verifier or a bad checksum."""
+    directory = Path(directory)
+    cfg = read_drafter_config(directory)
+    check_verifier(cfg, verifier.identity, where=f" at {directory}")
+    if expected_sha256 and sha256_dir(directory) != expected_sha256:
+        raise DrafterMismatchError(f"{directory}/model.safetensors does not match its recorded sha256")
+    if name:
+        cfg.name = name
+    m = verifier.model
+    drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
+    state = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DrafterMismatchError(f"{directory}: weights do not fit the drafter (missing {missing[:4]}, "
+                                   f"unexpected {unexpected[:4]})")
+    p = m.embed_tokens.weight
+    return drafter.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)

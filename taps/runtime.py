@@ -1,0 +1,85 @@
+"""Assemble a verifier and named drafters into an engine (shared by the CLI, eval and actors)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from taps.config import ConfigError, TreeConfig
+from taps.drafting import DrafterRunner
+from taps.engine import TapsEngine
+from taps.models.drafter import EagleDrafter, load_drafter, new_drafter
+from taps.models.loading import Verifier, load_verifier
+from taps.verify import VerifierRunner
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def default_drafter_dir() -> Path:
+    """The drafters shipped with the project (repo-level `drafters/`)."""
+    return Path(__file__).resolve().parents[1] / "drafters"
+
+
+def shipped_drafters(drafter_dir: Path | None = None) -> list[str]:
+    d = Path(drafter_dir or default_drafter_dir())
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if (p / "drafter.json").exists())
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class DrafterSpec:
+    name: str
+    checkpoint: Path | None  # None: random-init (untrained), labelled as such
+
+
+def resolve_drafter(name: str, drafter_dir: Path | None = None, allow_random: bool = True) -> DrafterSpec:
+    """A drafter name -> its checkpoint: `NAME=PATH`, a directory path, or a shipped drafter name."""
+    if "=" in name:
+        n, path = name.split("=", 1)
+        return DrafterSpec(n.strip(), Path(path).expanduser())
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "drafter.json").exists():
+        return DrafterSpec(p.name, p)
+    ship = Path(drafter_dir or default_drafter_dir()) / name
+    if (ship / "drafter.json").exists():
+        return DrafterSpec(name, ship)
+    if allow_random:
+        return DrafterSpec(name, None)
+    raise ConfigError(f"no drafter checkpoint named {name!r} (looked in {ship})")
+
+
+def build_drafter(spec: DrafterSpec, verifier: Verifier, seed: int = 0) -> EagleDrafter:
+    if spec.checkpoint is None:
+        log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
+        return new_drafter(spec.name, verifier, seed=seed)
+    return load_drafter(spec.checkpoint, verifier, name=spec.name)
+
+
+def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig, drafter_dir: Path | None = None,
+                 max_len: int = 2048, allow_random: bool = True) -> tuple[TapsEngine, dict[str, dict]]:
+    """Engine + a description of every drafter (objective, trained, checkpoint)."""
+    runners, info = {}, {}
+    for i, name in enumerate(drafter_names):
+        spec = resolve_drafter(name, drafter_dir, allow_random)
+        drafter = build_drafter(spec, verifier, seed=i)
+        runners[spec.name] = DrafterRunner(drafter, max_len=max_len + 256, name=spec.name)
+        info[spec.name] = {**runners[spec.name].describe(),
+                           "checkpoint": str(spec.checkpoint) if spec.checkpoint else None}
+    engine = TapsEngine(VerifierRunner(verifier.model, max_len=max_len), runners, tree, verifier.eos_token_ids)
+    return engine, info
+
+
+def load_default_verifier(spec: str | None, dtype: str = "float32", device: str = "cpu") -> Verifier:
+    return load_verifier(spec, dtype=parse_dtype(dtype), device=device)
