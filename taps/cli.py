@@ -45,12 +45,12 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.prompt or not args.prompt.strip():
         raise ConfigError("--prompt is empty")
-    names = _drafter_names(args)
-    strategy = parse_strategy(args.strategy, names if args.strategy != "none" else [])
+    entries = {e.split("=", 1)[0].strip(): e for e in _drafter_names(args)}
+    strategy = parse_strategy(args.strategy, list(entries) if args.strategy != "none" else [])
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     tree = _tree(args)
     verifier = load_default_verifier(args.verifier, args.dtype)
-    needed = list(dict.fromkeys(list(strategy.drafters)))
+    needed = [entries.get(name, name) for name in strategy.drafters]
     engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len)
     if args.raw:
         prompt_ids = verifier.tokenizer.encode(args.prompt)

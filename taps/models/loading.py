@@ -182,7 +182,7 @@ class Verifier:
     def eos_token_ids(self) -> list[int]:
         ids = set()
         tok = self.tokenizer
-        if getattr(tok, "eos_token_id", None) is not None:
+        if tok is not None and getattr(tok, "eos_token_id", None) is not None:
             ids.add(int(tok.eos_token_id))
         gen = self.directory / "generation_config.json"
         if gen.exists():
@@ -213,10 +213,12 @@ def verifier_identity(name: str, model: Llama) -> dict:
 
 
 def load_verifier(spec: str | None = None, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> Verifier:
-    from transformers import AutoTokenizer
-
+                  device: str | torch.device = "cpu", with_tokenizer: bool = True) -> Verifier:
     name, directory = resolve_verifier(spec)
     model = load_llama(directory, dtype=dtype, device=device)
-    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok = None
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(directory))
     return Verifier(name=name, directory=directory, model=model, tokenizer=tok)
