@@ -1,0 +1,76 @@
+"""Measured cost of verifier and drafter calls, for choosing tree sizes (and for reports).
+
+`measure_verifier` times one verifier forward over a tree of N tokens on top of
+a prefix already in the KV cache: the cost a decoding step pays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from taps.config import SamplingConfig, TreeConfig
+from taps.drafting import DrafterRunner
+from taps.models.llama import Llama
+from taps.tree import DraftTree
+from taps.verify import VerifierRunner
+
+
+def chain_tree(size: int, token: int = 1) -> DraftTree:
+    """A chain of `size` nodes (a tree shape is irrelevant to the forward cost)."""
+    return DraftTree(torch.full((size,), token), torch.arange(-1, size - 1), torch.arange(size),
+                     torch.zeros(size), torch.zeros(size), torch.zeros(size, dtype=torch.long))
+
+
+@dataclass
+class CostTable:
+    sizes: list[int]
+    seconds: list[float]  # median seconds per forward for each size
+
+    def at(self, n: int) -> float:
+        """Linear interpolation (clamped extrapolation at the ends)."""
+        xs, ys = self.sizes, self.seconds
+        if n <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return ys[-1] + slope * (n - xs[-1])
+
+
+@torch.inference_mode()
+def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, repeats: int = 5) -> CostTable:
+    runner = VerifierRunner(model, max_len=prefix + max(sizes) + 8)
+    runner.prefill("cost", list(range(3, 3 + prefix)), SamplingConfig())
+    cache = runner._caches["cost"]
+    out = []
+    for n in sizes:
+        tree = chain_tree(n)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            runner.score_tree("cost", tree)
+            times.append(time.perf_counter() - t0)
+            cache.length = prefix
+        out.append(sorted(times[1:])[len(times[1:]) // 2])
+    runner.release("cost")
+    return CostTable(list(sizes), out)
+
+
+@torch.inference_mode()
+def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, prefix: int = 128,
+                    repeats: int = 5) -> float:
+    """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix."""
+    device = runner.drafter.fc.weight.device
+    dtype = runner.drafter.fc.weight.dtype
+    runner.draft("cost", torch.arange(3, 3 + prefix), torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        runner.draft("cost", torch.tensor([5 + i]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
+        times.append(time.perf_counter() - t0)
+    runner.release("cost")
+    return sorted(times[1:])[len(times[1:]) // 2]
