@@ -125,6 +125,36 @@ class EagleDrafter(nn.Module):
         return draft_ids if self.d2t is None else self.d2t[draft_ids]
 
 
+def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:
+    """A copy of `drafter` whose head covers only `token_ids` ([V_draft], e.g. the most frequent tokens).
+
+    For a full-vocabulary drafter the new head is the verifier's lm_head rows for those tokens,
+    so the draft distribution is the old one restricted to them and renormalised: the top-k
+    choices are unchanged whenever they fall inside the reduced vocabulary.
+    """
+    token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if token_ids.unique().numel() != token_ids.numel():
+        raise ValueError("reduced draft vocabulary has repeated token ids")
+    cfg = DrafterConfig(**{**drafter.config.__dict__, "draft_vocab_size": int(token_ids.numel())})
+    out = EagleDrafter(cfg, drafter.embed_tokens, drafter.verifier_lm_head)
+    state = {k: v for k, v in drafter.state_dict().items() if not k.startswith(("lm_head", "d2t"))}
+    out.load_state_dict(state, strict=False)
+    p = drafter.fc.weight
+    out = out.to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        full = drafter.lm_head.weight if drafter.lm_head is not None else drafter.verifier_lm_head.weight
+        if drafter.d2t is not None:  # map token ids back to rows of an already reduced head
+            row_of = {int(t): i for i, t in enumerate(drafter.d2t.tolist())}
+            if any(int(t) not in row_of for t in token_ids):
+                raise ValueError("a reduced head can only shrink: some token ids are not in the current draft vocabulary")
+            rows = torch.tensor([row_of[int(t)] for t in token_ids], device=full.device)
+        else:
+            rows = token_ids.to(full.device)
+        out.lm_head.weight.copy_(full[rows])
+        out.d2t.copy_(token_ids.to(out.d2t.device))
+    return out.eval().requires_grad_(drafter.fc.weight.requires_grad)
+
+
 # ---------------------------------------------------------------------- creation, save, load
 
 def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size: int = 0,
