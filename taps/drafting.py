@@ -43,7 +43,7 @@ class DrafterRunner:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
-    def _state(self, request_id: str, needed: int) -> _RequestState:
+    def _state(self, request_id: str) -> _RequestState:
         with self._lock:
             st = self._states.get(request_id)
             if st is None:
@@ -55,6 +55,15 @@ class DrafterRunner:
     def release(self, request_id: str) -> None:
         with self._lock:
             self._states.pop(request_id, None)
+
+    def evict_idle(self, max_idle_s: float) -> list[str]:
+        """Drop the state of requests idle for longer than `max_idle_s` (lost clients); returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [rid for rid, st in self._states.items() if now - st.last_used > max_idle_s]
+            for rid in stale:
+                del self._states[rid]
+        return stale
 
     @property
     def active_requests(self) -> int:
@@ -80,7 +89,7 @@ class DrafterRunner:
         device = self.drafter.fc.weight.device
         tokens, hidden = tokens.to(device), hidden.to(device)
         tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k
-        st = self._state(request_id, m)
+        st = self._state(request_id)
         if st.committed + m + tree_slots > self.max_len:
             raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
         cache = st.cache
@@ -147,9 +156,6 @@ class DrafterRunner:
             ids, scores = expand(out, nodes, parent_scores, depth)
             frontier_ids, frontier_scores = ids.flatten(), scores.flatten()
         return _select(root, p_tok, p_par, p_dep, p_score, p_ent, cfg.total_tokens - 1, self.name)
-
-    def __getstate__(self):  # runners are not meant to be pickled with live caches
-        raise TypeError("DrafterRunner holds per-request caches and cannot be pickled")
 
 
 def _select(root, p_tok, p_par, p_dep, p_score, p_ent, budget: int, name: str) -> DraftTree:

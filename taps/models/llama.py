@@ -110,8 +110,9 @@ class KVCache:
     def __init__(self, cfg: LlamaConfig, num_layers: int, max_len: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.dim_head)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # empty, not zeros: slots past `length` are never read (masks cover only [0, length + T))
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
 
