@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from taps.adaptive import TreePolicy
 from taps.compose import Strategy, compose
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
@@ -113,10 +114,11 @@ class TapsEngine:
     """In-process TAPS decoding: one verifier, any number of named drafters."""
 
     def __init__(self, verifier: VerifierRunner, drafters: dict[str, DrafterRunner], tree: TreeConfig,
-                 eos_ids: list[int]):
+                 eos_ids: list[int], policies: dict[str, TreePolicy] | None = None):
         self.verifier = verifier
         self.drafters = drafters
-        self.tree = tree
+        self.tree = tree  # the fixed tree configuration, unless a policy is set for the strategy
+        self.policies = policies or {}  # strategy name -> adaptive tree policy
         self.eos_ids = frozenset(eos_ids)
 
     def generate(self, prompt_ids: list[int], strategy: Strategy, sampling: SamplingConfig,
@@ -124,26 +126,31 @@ class TapsEngine:
         missing = [d for d in strategy.drafters if d not in self.drafters]
         if missing:
             raise ConfigError(f"unknown drafter {missing[0]!r}; available: {sorted(self.drafters)}")
-        state = Decoding(strategy, max_new_tokens, self.eos_ids, self.tree.depth)
+        policy = self.policies.get(strategy.name)
+        largest = policy.max_tree if policy else self.tree
+        state = Decoding(strategy, max_new_tokens, self.eos_ids, largest.depth)
         rid = uuid.uuid4().hex
         gen = torch.Generator(device="cpu")
         gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item()))
         t0 = time.perf_counter()
         try:
-            reserve = max_new_tokens + self.tree.total_tokens * max(1, len(strategy.drafters))
+            reserve = max_new_tokens + largest.total_tokens * max(1, len(strategy.drafters))
             prefill = self.verifier.prefill(rid, prompt_ids, sampling, gen, reserve=reserve)
             kept = state.start(prompt_ids, prefill)
             if on_tokens and kept:
                 on_tokens(kept)
             while not state.done:
                 t1 = time.perf_counter()
+                tree_cfg = policy.choose() if policy else self.tree
                 tokens, hidden = state.drafter_inputs()
-                trees = [self.drafters[d].draft(rid, tokens, hidden, self.tree) for d in strategy.drafters]
+                trees = [self.drafters[d].draft(rid, tokens, hidden, tree_cfg) for d in strategy.drafters]
                 tree = state.choose(trees)
                 t2 = time.perf_counter()
                 result = self.verifier.verify(rid, tree, sampling, gen)
                 t3 = time.perf_counter()
                 kept = state.observe(result, t2 - t1, t3 - t2)
+                if policy:
+                    policy.observe(tree_cfg, len(result.tokens))
                 if on_tokens and kept:
                     on_tokens(kept)
         finally:

@@ -59,7 +59,7 @@ class OracleRunner:
     def draft(self, rid, tokens, hidden, tree):
         seq = self.seen.setdefault(rid, list(self.prompt[:1]))
         seq.extend(tokens.tolist())
-        cont = greedy_reference(self.model, seq, self.depth)
+        cont = greedy_reference(self.model, seq, min(self.depth, tree.depth))
         toks, parents, depths = [seq[-1]], [-1], [0]
         prev = 0
         for d, tok in enumerate(cont, start=1):
@@ -394,3 +394,19 @@ def test_core_imports_nothing_distributed():
             "bad = [m for m in ('ray', 'grpc', 'deepspeed', 'fastapi') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_adaptive_tree_policy_stays_lossless_and_prefers_cheap_productive_trees(tiny):
+    from taps.adaptive import TreePolicy
+
+    small, big = TreeConfig(depth=2, top_k=2, total_tokens=4), TreeConfig(depth=5, top_k=3, total_tokens=16)
+    policy = TreePolicy({small: 0.010, big: 0.012}, warmup=2)
+    prompt = PROMPTS[0]
+    drafters = {"oracle": OracleRunner(tiny, prompt, depth=5)}
+    eng = TapsEngine(VerifierRunner(tiny, max_len=512), drafters, small, [], policies={"single:oracle": policy})
+    res = eng.generate(prompt, parse_strategy("single:oracle", []), SamplingConfig(), 40)
+    assert res.token_ids == greedy_reference(tiny, prompt, 40)
+    # the oracle's chain is accepted to full depth: the deep tree emits ~6 tokens/step vs ~3
+    assert policy.best() == big
+    arms = {(a["depth"], a["total_tokens"]): a for a in policy.summary()}
+    assert arms[(5, 16)]["steps"] > arms[(2, 4)]["steps"]
