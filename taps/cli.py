@@ -15,7 +15,10 @@ log = logging.getLogger("taps")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", default=None, help="HF Llama dir, .gguf file or hub id (default: shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="verifier dtype (float32: token-exact vs `none`; bf16 matmuls are not batch-invariant)")
+    p.add_argument("--drafter-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="drafter dtype (default: the verifier's); never affects the output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")
     p.add_argument("--tree-depth", type=int, default=5, help="draft tree depth")
     p.add_argument("--tree-top-k", type=int, default=4, help="children expanded per node")
@@ -39,7 +42,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from taps.compose import parse_strategy
-    from taps.runtime import build_engine, load_default_verifier
+    from taps.runtime import build_engine, load_default_verifier, parse_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +54,8 @@ def cmd_generate(args) -> int:
     tree = _tree(args)
     verifier = load_default_verifier(args.verifier, args.dtype)
     needed = [entries.get(name, name) for name in strategy.drafters]
-    engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len)
+    ddt = parse_dtype(args.drafter_dtype) if args.drafter_dtype else None
+    engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len, drafter_dtype=ddt)
     if args.raw:
         prompt_ids = verifier.tokenizer.encode(args.prompt)
     else:

@@ -60,20 +60,23 @@ def resolve_drafter(name: str, drafter_dir: Path | None = None, allow_random: bo
     raise ConfigError(f"no drafter checkpoint named {name!r} (looked in {ship})")
 
 
-def build_drafter(spec: DrafterSpec, verifier: Verifier, seed: int = 0) -> EagleDrafter:
+def build_drafter(spec: DrafterSpec, verifier: Verifier, seed: int = 0, dtype: torch.dtype | None = None,
+                  expected_sha256: str | None = None) -> EagleDrafter:
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
-        return new_drafter(spec.name, verifier, seed=seed)
-    return load_drafter(spec.checkpoint, verifier, name=spec.name)
+        d = new_drafter(spec.name, verifier, seed=seed)
+        return d.to(dtype) if dtype else d
+    return load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
 
 
 def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig, drafter_dir: Path | None = None,
-                 max_len: int = 2048, allow_random: bool = True) -> tuple[TapsEngine, dict[str, dict]]:
+                 max_len: int = 2048, allow_random: bool = True, drafter_dtype: torch.dtype | None = None
+                 ) -> tuple[TapsEngine, dict[str, dict]]:
     """Engine + a description of every drafter (objective, trained, checkpoint)."""
     runners, info = {}, {}
     for i, name in enumerate(drafter_names):
         spec = resolve_drafter(name, drafter_dir, allow_random)
-        drafter = build_drafter(spec, verifier, seed=i)
+        drafter = build_drafter(spec, verifier, seed=i, dtype=drafter_dtype)
         runners[spec.name] = DrafterRunner(drafter, max_len=max_len + 256, name=spec.name)
         info[spec.name] = {**runners[spec.name].describe(),
                            "checkpoint": str(spec.checkpoint) if spec.checkpoint else None}

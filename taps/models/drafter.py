@@ -228,8 +228,11 @@ def read_drafter_config(directory: str | Path) -> DrafterConfig:
 
 
 def load_drafter(directory: str | Path, verifier, name: str | None = None,
-                 expected_sha256: str | None = None) -> EagleDrafter:
-    """Load a drafter checkpoint for `verifier`, refusing a mismatched verifier or a bad checksum."""
+                 expected_sha256: str | None = None, dtype: torch.dtype | None = None) -> EagleDrafter:
+    """Load a drafter checkpoint for `verifier`, refusing a mismatched verifier or a bad checksum.
+
+    `dtype` defaults to the verifier's; a cheaper drafter dtype (bf16) never affects losslessness.
+    """
     directory = Path(directory)
     cfg = read_drafter_config(directory)
     check_verifier(cfg, verifier.identity, where=f" at {directory}")
@@ -245,4 +248,4 @@ def load_drafter(directory: str | Path, verifier, name: str | None = None,
         raise DrafterMismatchError(f"{directory}: weights do not fit the drafter (missing {missing[:4]}, "
                                    f"unexpected {unexpected[:4]})")
     p = m.embed_tokens.weight
-    return drafter.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+    return drafter.to(device=p.device, dtype=dtype or p.dtype).eval().requires_grad_(False)
