@@ -25,6 +25,10 @@ from taps.models.llama import KVCache, build_mask, causal_mask
 from taps.tree import DraftTree
 
 
+class RequestStateLost(KeyError):
+    """The drafter no longer holds (all of) a request's context; resend the pairs from 0."""
+
+
 @dataclass
 class _RequestState:
     cache: KVCache
@@ -77,8 +81,15 @@ class DrafterRunner:
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
-    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig) -> DraftTree:
-        """Consume new pairs (hidden[j] = f_i, tokens[j] = x_{i+1}) and draft a tree rooted at tokens[-1]."""
+    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
+              start: int | None = None) -> DraftTree:
+        """Consume new pairs (hidden[j] = f_i, tokens[j] = x_{i+1}) and draft a tree rooted at tokens[-1].
+
+        `start` (optional) is the index of the first pair in the request's pair sequence. It makes
+        calls idempotent for a remote caller that retries: pairs from `start` on replace what the
+        cache holds there. A `start` past what this drafter has seen raises RequestStateLost
+        (e.g. the drafter restarted); the caller then resends from 0.
+        """
         m = tokens.shape[0]
         if m == 0 or hidden.ndim != 2 or hidden.shape[0] != m:
             raise ValueError(f"draft needs tokens [m] and hidden [m, H] with m >= 1, got {tuple(tokens.shape)} "
@@ -90,6 +101,12 @@ class DrafterRunner:
         tokens, hidden = tokens.to(device), hidden.to(device)
         tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k
         st = self._state(request_id)
+        if start is not None:
+            if start > st.committed:
+                self.release(request_id)
+                raise RequestStateLost(f"drafter {self.name} has {st.committed} pairs of request "
+                                       f"{request_id}, the call starts at {start}: resend from 0")
+            st.committed = start
         if st.committed + m + tree_slots > self.max_len:
             raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
         cache = st.cache
