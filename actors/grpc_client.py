@@ -1,64 +1,148 @@
-"""Async gRPC client for drafters (used by the router)."""
+"""Clients for the drafter gRPC service: `DrafterClient` (grpc.aio, used by the router) and
+`SyncDrafterClient` (blocking, for scripts and tests). Both speak core types (torch tensors,
+TreeConfig, DraftTree) and raise DrafterError with the gRPC status code on failure.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actors.codec import draft_request_to_pb, tree_from_pb
+from actors.codec import describe_from_pb, draft_request_to_pb, tree_from_pb
 from actors.grpc_server import GRPC_OPTIONS, SERVICE_NAME
 from proto.taps.drafter.v1 import drafter_pb2 as pb
 from proto.taps.drafter.v1 import drafter_pb2_grpc as pb_grpc
 from taps.config import TreeConfig
 from taps.tree import DraftTree
 
-
 class DrafterError(RuntimeError):
-    """A drafter call failed; `code` is the gRPC status code (e.g. DEADLINE_EXCEEDED, UNAVAILABLE)."""
+    """A drafter call failed. `code` is the grpc.StatusCode (NOT_FOUND: the drafter lost the request's
+    state, resend from start 0; INVALID_ARGUMENT: a bad request; DEADLINE_EXCEEDED, UNAVAILABLE: the
+    drafter is slow or gone), or None when the drafter's answer itself was malformed."""
 
-    def __init__(self, address: str, code, message: str):
-        super().__init__(f"drafter at {address}: {code.name if code else 'ERROR'}: {message}")
-        self.address, self.code = address, code
+    def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
+        super().__init__(f"drafter at {address}: {code.name if code else 'BAD_RESPONSE'}: {message}")
+        self.address, self.code, self.details = address, code, message
 
 
-class DrafterClient:
-    """One connection to one drafter replica (grpc.aio; create and use it inside one event loop)."""
+class DraftReply(NamedTuple):
+    """What Draft returns; unpacks as `tree, draft_time_s = await client.draft(...)`."""
 
+    tree: DraftTree
+    draft_time_s: float  # seconds the drafter spent drafting (excludes transfer and queueing)
+
+
+def _draft_request(request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree_config: TreeConfig,
+                   timeout_s: float | None, start: int | None) -> pb.DraftRequest:
+    deadline_ms = None if timeout_s is None else max(1, int(timeout_s * 1000))
+    return draft_request_to_pb(request_id, tokens, hidden, tree_config, start=start, deadline_ms=deadline_ms)
+
+
+def _rpcs(channel) -> dict:
+    stub = pb_grpc.DrafterStub(channel)
+    return {"draft": stub.Draft, "release": stub.Release, "describe": stub.Describe,
+            "health": health_pb2_grpc.HealthStub(channel).Check}
+
+
+class _Base:
     def __init__(self, address: str):
         self.address = address
+
+    def _reply(self, resp: pb.DraftResponse) -> DraftReply:
+        try:
+            return DraftReply(tree_from_pb(resp), resp.draft_time_s)
+        except ValueError as e:
+            raise DrafterError(self.address, None, f"malformed DraftResponse: {e}") from e
+
+    def _error(self, e: grpc.RpcError) -> DrafterError:
+        return DrafterError(self.address, e.code(), e.details() or "")
+
+
+class DrafterClient(_Base):
+    """One grpc.aio channel to one drafter replica. Create and use it inside one event loop."""
+
+    def __init__(self, address: str):
+        super().__init__(address)
         self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-        self._stub = pb_grpc.DrafterStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._rpc = _rpcs(self._channel)
 
-    async def _call(self, fn, request, timeout_s):
+    async def _call(self, name: str, request, timeout_s: float | None):
         try:
-            return await fn(request, timeout=timeout_s)
+            return await self._rpc[name](request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise DrafterError(self.address, e.code(), e.details() or "") from e
+            raise self._error(e) from e
 
-    async def draft(self, request_id: str, tokens, hidden, tree_config: TreeConfig, timeout_s: float = 5.0,
-                    start: int | None = None) -> tuple[DraftTree, float]:
-        """Returns (tree, seconds the drafter spent). See DraftRequest.start for `start`."""
-        msg = draft_request_to_pb(request_id, tokens, hidden, tree_config, start)
-        resp = await self._call(self._stub.Draft, msg, timeout_s)
-        return tree_from_pb(resp), resp.draft_time_s
+    async def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree_config: TreeConfig,
+                    timeout_s: float | None = 5.0, start: int | None = None) -> DraftReply:
+        """Send new pairs (tokens [m] int64, hidden [m, H]) and get the drafted tree. `start`: see
+        DraftRequest.start (idempotent retries). `timeout_s` is both the gRPC deadline and deadline_ms."""
+        msg = _draft_request(request_id, tokens, hidden, tree_config, timeout_s, start)
+        return self._reply(await self._call("draft", msg, timeout_s))
 
-    async def release(self, request_id: str, timeout_s: float = 2.0) -> None:
-        await self._call(self._stub.Release, pb.ReleaseRequest(request_id=request_id), timeout_s)
+    async def release(self, request_id: str, timeout_s: float | None = 2.0) -> None:
+        await self._call("release", pb.ReleaseRequest(request_id=request_id), timeout_s)
 
-    async def describe(self, timeout_s: float = 5.0) -> dict:
-        r = await self._call(self._stub.Describe, pb.DescribeRequest(), timeout_s)
-        return {"name": r.name, "domain": r.domain, "objective": r.objective, "trained": r.trained,
-                "verifier": r.verifier, "hidden_size": r.hidden_size, "vocab_size": r.vocab_size,
-                "draft_vocab_size": r.draft_vocab_size, "checkpoint_sha256": r.checkpoint_sha256,
-                "protocol_version": r.protocol_version, "active_requests": r.active_requests}
+    async def describe(self, timeout_s: float | None = 5.0) -> dict:
+        return describe_from_pb(await self._call("describe", pb.DescribeRequest(), timeout_s))
 
-    async def health(self, timeout_s: float = 2.0) -> bool:
+    async def health(self, timeout_s: float | None = 2.0) -> bool:
+        """True iff the drafter answers SERVING for its service; False if unreachable or not serving."""
         try:
-            r = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+            r = await self._rpc["health"](health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
         return r.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def __aenter__(self) -> "DrafterClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class SyncDrafterClient(_Base):
+    """Blocking twin of DrafterClient (same methods and errors), safe to share between threads."""
+
+    def __init__(self, address: str):
+        super().__init__(address)
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._rpc = _rpcs(self._channel)
+
+    def _call(self, name: str, request, timeout_s: float | None):
+        try:
+            return self._rpc[name](request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise self._error(e) from e
+
+    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree_config: TreeConfig,
+              timeout_s: float | None = 5.0, start: int | None = None) -> DraftReply:
+        msg = _draft_request(request_id, tokens, hidden, tree_config, timeout_s, start)
+        return self._reply(self._call("draft", msg, timeout_s))
+
+    def release(self, request_id: str, timeout_s: float | None = 2.0) -> None:
+        self._call("release", pb.ReleaseRequest(request_id=request_id), timeout_s)
+
+    def describe(self, timeout_s: float | None = 5.0) -> dict:
+        return describe_from_pb(self._call("describe", pb.DescribeRequest(), timeout_s))
+
+    def health(self, timeout_s: float | None = 2.0) -> bool:
+        try:
+            r = self._rpc["health"](health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "SyncDrafterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

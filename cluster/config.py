@@ -1,0 +1,60 @@
+"""The application config: validated once at the edge (Serve `args`, `taps serve --config`)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pydantic import BaseModel, Field, field_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class DrafterEntry(BaseModel):
+    name: str  # strategy spelling: single:<name>
+    checkpoint: str | None = None  # drafter directory; None = random-init (labelled untrained)
+    replicas: int = Field(1, ge=1, le=64)  # actors serving this specialist
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"drafter name {v!r} must match {NAME_RE.pattern}")
+        return v
+
+
+class TreeArgs(BaseModel):
+    depth: int = Field(5, ge=1, le=64)
+    top_k: int = Field(4, ge=1, le=64)
+    total_tokens: int = Field(16, ge=2, le=1024)
+
+
+class AppConfig(BaseModel):
+    verifier: str | None = None  # HF dir / .gguf / hub id; None = shipped SmolLM2-135M-Instruct
+    dtype: str = "float32"  # verifier dtype
+    drafter_dtype: str | None = None  # drafter dtype (default: the verifier's)
+    drafters: list[DrafterEntry] = Field(default_factory=list)
+    strategy: str = "merged"  # default when a request names none
+    tree: TreeArgs = Field(default_factory=TreeArgs)
+    redis_url: str | None = None  # None: REDIS_URL env, else the caller must provide one
+    api_key: str | None = None  # Bearer key for inference routes (env TAPS_API_KEY)
+    admin_key: str | None = None  # Bearer key for /v1/drafters (env TAPS_ADMIN_KEY); none = loopback only
+    max_len: int = Field(2048, ge=64, le=131072)  # verifier context window used
+    max_tokens_limit: int = Field(1024, ge=1)  # largest max_tokens a request may ask for
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
+    max_concurrent: int = Field(8, ge=1)  # requests decoding at once per router replica
+    max_queue: int = Field(32, ge=0)  # requests waiting per replica beyond that get 429
+    deadline_ms: int = Field(5000, ge=10)  # per-step drafter deadline; late drafters sit the step out
+    gpu: bool = False  # ask Ray for GPUs (cluster) instead of CPU shares (local)
+    grpc_host: str = "127.0.0.1"  # drafter gRPC bind address: 127.0.0.1 locally, node-ip on a cluster
+    threads: int = 0  # torch threads per actor (0: default)
+    min_replicas: int = Field(1, ge=1)  # router autoscaling
+    max_replicas: int = Field(2, ge=1)
+
+    def resolved(self) -> "AppConfig":
+        """Fill secrets and the registry URL from the environment (names documented in CONTRACTS.md)."""
+        return self.model_copy(update={
+            "api_key": self.api_key or os.environ.get("TAPS_API_KEY") or None,
+            "admin_key": self.admin_key or os.environ.get("TAPS_ADMIN_KEY") or None,
+            "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
+        })

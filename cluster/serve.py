@@ -1,0 +1,102 @@
+"""`taps serve`: the main job. Starts local Ray (a real head with the job server), the embedded
+Redis registry, the verifier and drafters, and the OpenAI-compatible HTTP server; Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("taps.serve")
+
+
+def load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    # accept a full Serve config file too: take the first application's args
+    if "applications" in data:
+        data = data["applications"][0].get("args", {}) or {}
+    return data
+
+
+def config_from_args(args) -> dict:
+    from taps.runtime import shipped_drafters
+
+    cfg = load_config(getattr(args, "config", None))
+    if getattr(args, "verifier", None):
+        cfg["verifier"] = args.verifier
+    if getattr(args, "dtype", None) and args.dtype != "float32":
+        cfg["dtype"] = args.dtype
+    if getattr(args, "drafter_dtype", None):
+        cfg["drafter_dtype"] = args.drafter_dtype
+    if getattr(args, "api_key", None):
+        cfg["api_key"] = args.api_key
+    if getattr(args, "admin_key", None):
+        cfg["admin_key"] = args.admin_key
+    if getattr(args, "threads", 0):
+        cfg["threads"] = args.threads
+    tree = cfg.setdefault("tree", {})
+    for key, attr in (("depth", "tree_depth"), ("top_k", "tree_top_k"), ("total_tokens", "tree_tokens")):
+        if getattr(args, attr, None) is not None:
+            tree.setdefault(key, getattr(args, attr))
+    if getattr(args, "drafters", None):
+        entries = []
+        for item in args.drafters.split(","):
+            name, _, path = item.strip().partition("=")
+            entries.append({"name": name, "checkpoint": path or None})
+        cfg["drafters"] = entries
+    if "drafters" not in cfg:
+        ddir = Path(args.drafter_dir) if getattr(args, "drafter_dir", None) else None
+        from taps.runtime import default_drafter_dir
+
+        base = ddir or default_drafter_dir()
+        shipped = shipped_drafters(base)
+        cfg["drafters"] = ([{"name": n, "checkpoint": str(base / n)} for n in shipped]
+                           or [{"name": "math"}, {"name": "chat"}])
+    return cfg
+
+
+def main(args) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import NAMESPACE, build_app
+
+    cfg = config_from_args(args)
+    for d in cfg["drafters"]:
+        if not d.get("checkpoint"):
+            log.warning("drafter %r has no checkpoint: serving a RANDOM-INIT (untrained) drafter", d["name"])
+    app = build_app(cfg)  # validates the config before anything starts
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE)
+    else:
+        ray.init(namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="taps", route_prefix="/", blocking=False)
+    print(f"TAPS-Serve ready on http://{args.host}:{args.port} (OpenAI API under /v1); "
+          f"Ray dashboard and job server on http://127.0.0.1:8265; Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    print("shutting down ...", file=sys.stderr, flush=True)
+    serve.shutdown()
+    for name in ("taps-verifier", "taps-registry"):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+    ray.shutdown()
+    return 0

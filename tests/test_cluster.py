@@ -1,0 +1,184 @@
+"""The served system on a real local Ray cluster: OpenAI client, losslessness against in-process
+plain decoding, drafters added and removed at runtime, failures, bad input, keys."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from ray import serve  # noqa: E402
+
+from taps.compose import parse_strategy  # noqa: E402
+from taps.config import SamplingConfig, TreeConfig  # noqa: E402
+from taps.models.drafter import new_drafter, save_drafter  # noqa: E402
+from taps.models.loading import load_verifier  # noqa: E402
+from taps.testing import make_tiny_verifier_dir  # noqa: E402
+
+ADMIN_KEY = "admin-secret"
+API_KEY = "user-secret"
+TREE = {"depth": 3, "top_k": 2, "total_tokens": 6}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from cluster.app import NAMESPACE, build_app
+
+    root = tmp_path_factory.mktemp("cluster")
+    vdir = make_tiny_verifier_dir(root / "verifier", seed=3)
+    verifier = load_verifier(str(vdir), dtype=torch.float64)
+    paths = {}
+    for i, name in enumerate(("math", "chat", "code")):
+        paths[name] = root / "drafters" / name
+        save_drafter(new_drafter(name, verifier, seed=10 + i), paths[name])
+    port = _free_port()
+    cfg = {"verifier": str(vdir), "dtype": "float64", "tree": TREE, "strategy": "merged",
+           "drafters": [{"name": "math", "checkpoint": str(paths["math"])},
+                        {"name": "chat", "checkpoint": str(paths["chat"])}],
+           "api_key": API_KEY, "admin_key": ADMIN_KEY, "max_len": 512, "max_tokens_limit": 64,
+           "deadline_ms": 20000, "min_replicas": 1, "max_replicas": 1}
+    ray.init(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="taps", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    yield {"base": base, "verifier": verifier, "paths": paths, "vdir": vdir}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _client(cluster):
+    return openai.OpenAI(base_url=f"{cluster['base']}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def _reference(cluster, prompt_ids, n):
+    from taps.engine import TapsEngine
+    from taps.verify import VerifierRunner
+
+    v = cluster["verifier"]
+    eng = TapsEngine(VerifierRunner(v.model, max_len=512), {}, TreeConfig(**TREE), v.eos_token_ids)
+    return eng.generate(prompt_ids, parse_strategy("none", []), SamplingConfig(), n).token_ids
+
+
+MESSAGES = [{"role": "user", "content": "What is 17*23?"}]
+
+
+def test_chat_completion_every_strategy_equals_plain_decoding(cluster):
+    client = _client(cluster)
+    prompt_ids = cluster["verifier"].encode_chat(MESSAGES)
+    ref = _reference(cluster, prompt_ids, 24)
+    for strategy in ("none", "single:math", "single:chat", "confidence", "entropy", "merged"):
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0,
+                                           extra_body={"taps": {"strategy": strategy, "drafters": ["math", "chat"]}})
+        taps = r.model_extra["taps"]
+        assert taps["token_ids"] == ref, strategy
+        assert taps["strategy"] == strategy
+        assert r.usage.completion_tokens == len(ref)
+        assert r.choices[0].message.content == cluster["verifier"].tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_streaming_and_completions(cluster):
+    client = _client(cluster)
+    prompt_ids = cluster["verifier"].encode_chat(MESSAGES)
+    ref = _reference(cluster, prompt_ids, 20)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=20, temperature=0,
+                                            stream=True, extra_body={"taps": {"strategy": "merged"}})
+    pieces, last = [], None
+    for ev in stream:
+        last = ev
+        if ev.choices and ev.choices[0].delta.content:
+            pieces.append(ev.choices[0].delta.content)
+    assert last.model_extra["taps"]["token_ids"] == ref
+    assert "".join(pieces) == cluster["verifier"].tokenizer.decode(ref, skip_special_tokens=True)
+    comp = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
+    ids = cluster["verifier"].tokenizer.encode("The capital of France is")
+    assert comp.model_extra["taps"]["token_ids"] == _reference(cluster, ids, 12)
+    assert [m.id for m in client.models.list().data] == ["verifier"]
+
+
+def _admin(cluster, method, path, **kw):
+    return httpx.request(method, cluster["base"] + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                         timeout=600, **kw)
+
+
+def test_drafter_added_at_runtime_is_used_then_removed(cluster):
+    r = httpx.post(cluster["base"] + "/v1/drafters", json={"name": "code", "checkpoint": str(cluster["paths"]["code"])},
+                   timeout=60)
+    assert r.status_code == 401  # admin key required
+    r = _admin(cluster, "POST", "/v1/drafters", json={"name": "code", "checkpoint": str(cluster["paths"]["code"])})
+    assert r.status_code == 201, r.text
+    names = [d["name"] for d in _admin(cluster, "GET", "/v1/drafters").json()["data"]]
+    assert "code" in names
+    client = _client(cluster)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
+                                       extra_body={"taps": {"strategy": "single:code"}})
+    taps = r.model_extra["taps"]
+    assert taps["selected"].get("code", 0) == taps["steps"] > 0
+    assert taps["token_ids"] == _reference(cluster, cluster["verifier"].encode_chat(MESSAGES), 16)
+    assert _admin(cluster, "DELETE", "/v1/drafters/code").status_code == 200
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                       extra_body={"taps": {"strategy": "single:code"}})
+
+
+def test_killed_drafter_does_not_break_requests(cluster):
+    from cluster.app import NAMESPACE
+
+    actor = ray.get_actor("taps-drafter-chat-0", namespace=NAMESPACE)
+    ray.kill(actor, no_restart=False)  # Ray restarts it; meanwhile steps go on without it
+    client = _client(cluster)
+    for _ in range(2):
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
+                                           extra_body={"taps": {"strategy": "merged", "drafters": ["math", "chat"]}})
+        assert r.model_extra["taps"]["token_ids"] == _reference(cluster, cluster["verifier"].encode_chat(MESSAGES), 16)
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"messages": []}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "taps": {"strategy": "bogus"}}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "taps": {"strategy": "single:nobody"}}, 400),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ({"messages": [{"role": "user", "content": "x " * 3000}], "max_tokens": 8}, 400),
+    ({"messages": "hello"}, 400),
+])
+def test_bad_input_gets_openai_error_shape(cluster, body, status):
+    r = httpx.post(cluster["base"] + "/v1/chat/completions", json=body, timeout=120,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_malformed_json_and_keys(cluster):
+    h = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    r = httpx.post(cluster["base"] + "/v1/chat/completions", content=b"{not json", headers=h, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_json", "invalid_request")
+    r = httpx.post(cluster["base"] + "/v1/chat/completions", content=b'{"messages": "\xff\xfe"}', headers=h, timeout=60)
+    assert r.status_code == 400
+    r = httpx.post(cluster["base"] + "/v1/chat/completions", json={"messages": MESSAGES}, timeout=60)
+    assert r.status_code == 401
+    assert httpx.get(cluster["base"] + "/health", timeout=60).json()["status"] == "ok"
+    metrics = httpx.get(cluster["base"] + "/metrics", timeout=60).text
+    assert "taps_requests_total" in metrics and "taps_acceptance_length" in metrics
