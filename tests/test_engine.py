@@ -365,7 +365,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
         (["--prompt", "hi", "--strategy", "single:math", "--drafters", f"math={tmp_path}/nope"], "drafter.json"),
     ]
     for extra, msg in cases:
-        p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir), *extra],
+        p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir),
+                            "--drafter-dir", str(tmp_path / "no-drafters"), *extra],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 2, (extra, p.stderr[-2000:])
         assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -377,7 +378,8 @@ def test_cli_generate_json_contract(tmp_path):
     from taps.testing import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
-    p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir), "--prompt",
+    p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir),
+                        "--drafter-dir", str(tmp_path / "no-drafters"), "--prompt",
                         "What is 17*23?", "--strategy", "merged", "--drafters", "math,chat", "--json",
                         "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
