@@ -1,0 +1,1 @@
+"""Shells around the core: Ray actors, the drafter gRPC server and client, and the protobuf codec."""

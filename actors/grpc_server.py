@@ -96,6 +96,15 @@ def _run(fn, *args, **kwargs):
         raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
 
+def _time_remaining(context) -> float | None:
+    """Seconds to the call's gRPC deadline; None without one (grpc reports ~9.2e18 s then)."""
+    left = context.time_remaining()
+    return None if left is None or left > _NO_DEADLINE_S else left
+
+
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
 def _accepts(fn, keyword: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -151,11 +160,11 @@ class DrafterServicer:
     @staticmethod
     def _budget_s(call: DraftCall, context, arrived: float) -> float | None:
         """Seconds left before drafting must start: the tighter of the gRPC deadline and deadline_ms."""
-        left = [context.time_remaining()]
+        left = [_time_remaining(context)]
         if call.deadline_ms is not None:
             left.append(call.deadline_ms / 1000 - (time.monotonic() - arrived))
         left = [x for x in left if x is not None]
-        return min(left) if left else None
+        return min(*left, _NO_DEADLINE_S) if left else None  # a huge deadline_ms must not overflow a timeout
 
     @_handler
     def Draft(self, request: pb.DraftRequest, context) -> pb.DraftResponse:
@@ -186,7 +195,7 @@ class DrafterServicer:
         if not 1 <= len(rid) <= MAX_REQUEST_ID_CHARS:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
                            f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
-        with self.locks.hold(rid, context.time_remaining()) as acquired:
+        with self.locks.hold(rid, _time_remaining(context)) as acquired:
             if not acquired:
                 raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid}: still busy at the deadline")
             _run(self.runner.release, rid)

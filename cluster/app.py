@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import time
 import uuid
@@ -91,8 +92,6 @@ class TapsRouter:
 
     # ------------------------------------------------------------------ helpers
     def _eos_ids(self, vdir) -> list[int]:
-        import json
-
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         gen = vdir / "generation_config.json"
         if gen.exists():
@@ -188,7 +187,21 @@ class TapsRouter:
         model = req.model or self.verifier_name
         gen = self._run(rid, prompt_ids, strategy, sampling, max_new, links)
         if req.stream:
-            return StreamingResponse(self._sse(kind, rid, model, gen), media_type="text/event-stream")
+            # Decoding runs in its own task feeding a queue, so a client that hangs up (the response is
+            # cancelled or closed) cancels the task and the per-request state is released at once.
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def produce():
+                try:
+                    async for item in gen:
+                        queue.put_nowait(item)
+                except Exception as e:  # noqa: BLE001 - handed to the stream, which reports it
+                    queue.put_nowait(e)
+                finally:
+                    await gen.aclose()
+
+            task = asyncio.create_task(produce())
+            return StreamingResponse(self._sse(kind, rid, model, queue, task), media_type="text/event-stream")
         detok = IncrementalDetokenizer(self.tokenizer)
         state = None
         try:
@@ -272,11 +285,22 @@ class TapsRouter:
         finally:
             self._waiting -= 1
 
-    async def _sse(self, kind, rid, model, gen):
+    async def _sse(self, kind, rid, model, queue: asyncio.Queue, task: asyncio.Task):
         detok = IncrementalDetokenizer(self.tokenizer)
         first = True
         try:
-            async for item in gen:
+            while True:
+                item = await queue.get()
+                if isinstance(item, VerifierUnavailable):
+                    body = {"error": {"message": f"verifier unavailable, retry: {item}", "type": "server_error",
+                                      "param": None, "code": "verifier_unavailable"}}
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
+                if isinstance(item, Exception):
+                    body = {"error": {"message": f"generation failed: {item}", "type": "server_error",
+                                      "param": None, "code": "internal_error"}}
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
                 if isinstance(item, tuple):
                     state = item[1]
                     tail = detok.push([], final=True)
@@ -289,14 +313,8 @@ class TapsRouter:
                 if delta or first:
                     yield chunk(kind, rid, model, delta, None, first)
                     first = False
-        except VerifierUnavailable as e:
-            body = {"error": {"message": f"verifier unavailable, retry: {e}", "type": "server_error",
-                              "param": None, "code": "verifier_unavailable"}}
-            import json
-
-            yield f"data: {json.dumps(body)}\n\n"
         finally:
-            await gen.aclose()
+            task.cancel()
 
     # ------------------------------------------------------------------ routes
     async def chat_completions(self, request: Request):

@@ -81,7 +81,7 @@ def main(args) -> int:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE)
     else:
-        ray.init(namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
+        ray.init(address="local", namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="taps", route_prefix="/", blocking=False)
     print(f"TAPS-Serve ready on http://{args.host}:{args.port} (OpenAI API under /v1); "

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
                         {"name": "chat", "checkpoint": str(paths["chat"])}],
            "api_key": API_KEY, "admin_key": ADMIN_KEY, "max_len": 512, "max_tokens_limit": 64,
            "deadline_ms": 20000, "min_replicas": 1, "max_replicas": 1}
-    ray.init(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="taps", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -182,3 +182,64 @@ def test_malformed_json_and_keys(cluster):
     assert httpx.get(cluster["base"] + "/health", timeout=60).json()["status"] == "ok"
     metrics = httpx.get(cluster["base"] + "/metrics", timeout=60).text
     assert "taps_requests_total" in metrics and "taps_acceptance_length" in metrics
+
+
+def test_client_disconnect_mid_stream_leaves_no_request_state(cluster):
+    from cluster.app import NAMESPACE
+
+    body = {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "stream": True,
+            "taps": {"strategy": "merged", "drafters": ["math", "chat"]}}
+    with httpx.stream("POST", cluster["base"] + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 2:
+                break  # hang up mid-stream
+    verifier = ray.get_actor("taps-verifier", namespace=NAMESPACE)
+    drafters = [ray.get_actor(f"taps-drafter-{n}-0", namespace=NAMESPACE) for n in ("math", "chat")]
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        active = [ray.get(verifier.info.remote())["active_requests"]]
+        active += [ray.get(d.info.remote())["active_requests"] for d in drafters]
+        if not any(active):
+            break
+        time.sleep(0.5)
+    assert not any(active), active
+
+
+def test_concurrent_streams_are_all_lossless(cluster):
+    import concurrent.futures as cf
+
+    client = _client(cluster)
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(6)]
+    refs = [_reference(cluster, cluster["verifier"].encode_chat(m), 12) for m in prompts]
+
+    def one(i):
+        r = client.chat.completions.create(model="tiny", messages=prompts[i], max_tokens=12, temperature=0,
+                                           extra_body={"taps": {"strategy": ["merged", "confidence"][i % 2]}})
+        return r.model_extra["taps"]["token_ids"]
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(one, range(6)))
+    assert outs == refs
+
+
+def test_killed_verifier_fails_cleanly_then_recovers(cluster):
+    from cluster.app import NAMESPACE
+
+    verifier = ray.get_actor("taps-verifier", namespace=NAMESPACE)
+    ray.kill(verifier, no_restart=False)
+    statuses = []
+    t0 = time.time()
+    while time.time() - t0 < 180:
+        r = httpx.post(cluster["base"] + "/v1/chat/completions", timeout=120,
+                       headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"messages": MESSAGES, "max_tokens": 8, "temperature": 0})
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503, r.text  # retryable, in the OpenAI error shape
+        assert r.json()["error"]["code"] == "verifier_unavailable"
+        assert r.headers.get("retry-after")
+        time.sleep(1)
+    assert statuses[-1] == 200, statuses
+    assert r.json()["taps"]["token_ids"] == _reference(cluster, cluster["verifier"].encode_chat(MESSAGES), 8)

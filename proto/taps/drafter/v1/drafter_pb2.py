@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtaps/drafter/v1/drafter.proto\x12\x0ftaps.drafter.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"@\n\nTreeConfig\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xbd\x01\n\x0c\x44raftRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12)\n\x04tree\x18\x04 \x01(\x0b\x32\x1b.taps.drafter.v1.TreeConfig\x12\x12\n\x05start\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_start\"\xc2\x02\n\rDraftResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12(\n\x07parents\x18\x02 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06\x64\x65pths\x18\x03 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06scores\x18\x04 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12*\n\tentropies\x18\x05 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06source\x18\x06 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\x10\n\x08\x64rafters\x18\x07 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12\x14\n\x0c\x64raft_time_s\x18\t \x01(\x01\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xf7\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x11\n\tobjective\x18\x03 \x01(\t\x12\x0f\n\x07trained\x18\x04 \x01(\x08\x12\x10\n\x08verifier\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x03\x12\x12\n\nvocab_size\x18\x07 \x01(\x03\x12\x18\n\x10\x64raft_vocab_size\x18\x08 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\t \x01(\t\x12\x18\n\x10protocol_version\x18\n \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x0b \x01(\x03\x32\xf0\x01\n\x07\x44rafter\x12\x46\n\x05\x44raft\x12\x1d.taps.drafter.v1.DraftRequest\x1a\x1e.taps.drafter.v1.DraftResponse\x12L\n\x07Release\x12\x1f.taps.drafter.v1.ReleaseRequest\x1a .taps.drafter.v1.ReleaseResponse\x12O\n\x08\x44\x65scribe\x12 .taps.drafter.v1.DescribeRequest\x1a!.taps.drafter.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtaps/drafter/v1/drafter.proto\x12\x0ftaps.drafter.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"@\n\nTreeConfig\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xe7\x01\n\x0c\x44raftRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12)\n\x04tree\x18\x04 \x01(\x0b\x32\x1b.taps.drafter.v1.TreeConfig\x12\x12\n\x05start\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x03H\x01\x88\x01\x01\x42\x08\n\x06_startB\x0e\n\x0c_deadline_ms\"\xc2\x02\n\rDraftResponse\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12(\n\x07parents\x18\x02 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06\x64\x65pths\x18\x03 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06scores\x18\x04 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12*\n\tentropies\x18\x05 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\'\n\x06source\x18\x06 \x01(\x0b\x32\x17.taps.drafter.v1.Tensor\x12\x10\n\x08\x64rafters\x18\x07 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12\x14\n\x0c\x64raft_time_s\x18\t \x01(\x01\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xf7\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x11\n\tobjective\x18\x03 \x01(\t\x12\x0f\n\x07trained\x18\x04 \x01(\x08\x12\x10\n\x08verifier\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x03\x12\x12\n\nvocab_size\x18\x07 \x01(\x03\x12\x18\n\x10\x64raft_vocab_size\x18\x08 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\t \x01(\t\x12\x18\n\x10protocol_version\x18\n \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x0b \x01(\x03\x32\xf0\x01\n\x07\x44rafter\x12\x46\n\x05\x44raft\x12\x1d.taps.drafter.v1.DraftRequest\x1a\x1e.taps.drafter.v1.DraftResponse\x12L\n\x07Release\x12\x1f.taps.drafter.v1.ReleaseRequest\x1a .taps.drafter.v1.ReleaseResponse\x12O\n\x08\x44\x65scribe\x12 .taps.drafter.v1.DescribeRequest\x1a!.taps.drafter.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TREECONFIG']._serialized_start=104
   _globals['_TREECONFIG']._serialized_end=168
   _globals['_DRAFTREQUEST']._serialized_start=171
-  _globals['_DRAFTREQUEST']._serialized_end=360
-  _globals['_DRAFTRESPONSE']._serialized_start=363
-  _globals['_DRAFTRESPONSE']._serialized_end=685
-  _globals['_RELEASEREQUEST']._serialized_start=687
-  _globals['_RELEASEREQUEST']._serialized_end=723
-  _globals['_RELEASERESPONSE']._serialized_start=725
-  _globals['_RELEASERESPONSE']._serialized_end=760
-  _globals['_DESCRIBEREQUEST']._serialized_start=762
-  _globals['_DESCRIBEREQUEST']._serialized_end=779
-  _globals['_DESCRIBERESPONSE']._serialized_start=782
-  _globals['_DESCRIBERESPONSE']._serialized_end=1029
-  _globals['_DRAFTER']._serialized_start=1032
-  _globals['_DRAFTER']._serialized_end=1272
+  _globals['_DRAFTREQUEST']._serialized_end=402
+  _globals['_DRAFTRESPONSE']._serialized_start=405
+  _globals['_DRAFTRESPONSE']._serialized_end=727
+  _globals['_RELEASEREQUEST']._serialized_start=729
+  _globals['_RELEASEREQUEST']._serialized_end=765
+  _globals['_RELEASERESPONSE']._serialized_start=767
+  _globals['_RELEASERESPONSE']._serialized_end=802
+  _globals['_DESCRIBEREQUEST']._serialized_start=804
+  _globals['_DESCRIBEREQUEST']._serialized_end=821
+  _globals['_DESCRIBERESPONSE']._serialized_start=824
+  _globals['_DESCRIBERESPONSE']._serialized_end=1071
+  _globals['_DRAFTER']._serialized_start=1074
+  _globals['_DRAFTER']._serialized_end=1314
 # @@protoc_insertion_point(module_scope)

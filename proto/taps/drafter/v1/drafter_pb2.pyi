@@ -27,18 +27,20 @@ class TreeConfig(_message.Message):
     def __init__(self, depth: _Optional[int] = ..., top_k: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "hidden", "tree", "start")
+    __slots__ = ("request_id", "tokens", "hidden", "tree", "start", "deadline_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens: Tensor
     hidden: Tensor
     tree: TreeConfig
     start: int
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tree: _Optional[_Union[TreeConfig, _Mapping]] = ..., start: _Optional[int] = ...) -> None: ...
+    deadline_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tree: _Optional[_Union[TreeConfig, _Mapping]] = ..., start: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("tokens", "parents", "depths", "scores", "entropies", "source", "drafters", "drafter", "draft_time_s")
