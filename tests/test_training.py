@@ -1,0 +1,369 @@
+"""Drafter training: objectives (EAGLE-2, HASS alignment masking against an inference oracle),
+feature shards, checkpoints, weight averaging, and train_drafter end to end (with and without Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taps.averaging import average_checkpoints, average_state_dicts
+from taps.models.drafter import DrafterConfig, DrafterMismatchError, EagleDrafter, load_drafter, save_drafter
+from taps.models.llama import KVCache, build_mask, causal_mask
+from taps.testing import random_llama, tiny_config
+from training.features import FeatureError, extract_features, load_features, verifier_hidden
+from training.objectives import (ObjectiveConfig, alignment_mask, hass_features, next_step_inputs,
+                                 objective_loss, training_pairs)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+torch.set_num_threads(1)
+
+
+class _Verifier:
+    """The bits of taps.models.loading.Verifier that training uses."""
+
+    def __init__(self, model, name="tiny"):
+        from taps.models.loading import verifier_identity
+
+        self.model, self.name = model, name
+        self.identity = verifier_identity(name, model)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return _Verifier(random_llama(tiny_config(), seed=0, scale=4.0))
+
+
+def make_drafter(v, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = DrafterConfig(name="t", domain="t", llama=v.model.config, verifier=v.identity)
+    d = EagleDrafter(cfg, v.model.embed_tokens, v.model.lm_head)
+    with torch.no_grad():
+        d.layer.load_state_dict(v.model.layers[-1].state_dict())
+    return d.to(dtype)
+
+
+def make_batch(v, b=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 2000, (t - 3 * i,), generator=g).tolist() for i in range(b)]
+    hidden = verifier_hidden(v.model, seqs)
+    out = {"input_ids": torch.zeros(b, t, dtype=torch.long), "hidden": torch.zeros(b, t, v.model.config.hidden_size,
+                                                                                    dtype=torch.bfloat16),
+           "loss_mask": torch.zeros(b, t, dtype=torch.uint8), "lengths": torch.tensor([len(s) for s in seqs])}
+    for i, (s, h) in enumerate(zip(seqs, hidden)):
+        out["input_ids"][i, :len(s)] = torch.tensor(s)
+        out["hidden"][i, :len(s)] = h
+        out["loss_mask"][i, 4:len(s)] = 1
+    return out
+
+
+# ---------------------------------------------------------------------- objectives
+
+def test_alignment_mask_worked_examples():
+    e = torch.tensor
+    assert torch.equal(alignment_mask(1, 3), causal_mask(3))
+    want2 = e([[0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 1]]).bool()
+    assert torch.equal(alignment_mask(2, 3), want2)
+    want3 = e([[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # query 0: only itself
+               [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],  # query 1: step-2 key 0, itself
+               [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],  # query 2: target 0, step-2 key 1, itself
+               [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]).bool()  # query 3: target 0..1, step-2 key 2, itself
+    assert torch.equal(alignment_mask(3, 4), want3)
+
+
+@pytest.mark.parametrize("objective", ["eagle2", "hass"])
+def test_loss_falls_on_a_fixed_batch(verifier, objective):
+    d = make_drafter(verifier)
+    batch = make_batch(verifier)
+    cfg = ObjectiveConfig.for_name(objective)
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(20):
+        out = objective_loss(d, batch, cfg, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def _inference_feature(d, tokens, inputs, preds, t, step):
+    """Oracle: the drafter's output at position t of alignment step `step`, computed the way
+    DrafterRunner drafts: a KV cache over the verified prefix (target features), then one draft
+    node per level whose input feature is the previous level's prediction."""
+    cache = d.new_cache(64)
+    n = t - (step - 1) + 1  # verified pairs 0 .. t - step + 1
+    with torch.no_grad():
+        d(tokens[:, :n], inputs[:, :n], torch.arange(n)[None], cache, build_mask(causal_mask(n), 0))
+        out = None
+        for k in range(2, step + 1):
+            pos = t - (step - k)
+            feat = preds[k - 2][:, pos - 1:pos]  # step k-1's prediction at pos - 1
+            out = d(tokens[:, pos:pos + 1], feat, torch.tensor([[pos]]), cache,
+                    torch.ones(1, 1, 1, cache.length + 1, dtype=torch.bool))
+    return out[0, -1]
+
+
+def test_hass_steps_equal_inference_drafting(verifier):
+    """Step j at position t equals a depth-j draft node at inference (the oracle above)."""
+    d = make_drafter(verifier).eval()
+    batch = make_batch(verifier, b=1)
+    tokens, inputs, _, _ = training_pairs(batch)
+    inputs = inputs.float()
+    with torch.no_grad():
+        preds = hass_features(d, tokens, inputs, steps=3)
+    for step in (2, 3):
+        for t in (step, 9, tokens.shape[1] - 1):
+            want = _inference_feature(d, tokens, inputs, preds, t, step)
+            torch.testing.assert_close(preds[step - 1][0, t], want, atol=1e-5, rtol=1e-4)
+
+
+def test_hass_steps_see_their_own_predictions(verifier):
+    """Perturbing the step-1 prediction that feeds position p of step 2 changes step 2 only at p and
+    step 3 only at p + 1; step 1 (target features only) never changes."""
+    d = make_drafter(verifier).eval()
+    batch = make_batch(verifier, b=1)
+    tokens, inputs, _, _ = training_pairs(batch)
+    inputs = inputs.float()
+    p = 7
+
+    def perturb(step, x):
+        if step == 2:
+            x = x.clone()
+            x[:, p] += 0.5
+        return x
+
+    with torch.no_grad():
+        base = hass_features(d, tokens, inputs, 3)
+        pert = hass_features(d, tokens, inputs, 3, perturb=perturb)
+    changed = [(a - b).abs().amax(-1)[0] > 1e-6 for a, b in zip(base, pert)]
+    assert not changed[0].any()
+    assert changed[1].nonzero().flatten().tolist() == [p]
+    assert changed[2].nonzero().flatten().tolist() == [p + 1]
+    # and the step-2 input really is the step-1 prediction shifted by one
+    torch.testing.assert_close(next_step_inputs(inputs[:, :1], base[0])[:, 1:], base[0][:, :-1])
+
+
+def test_hass_gradient_reaches_earlier_step_keys(verifier):
+    d = make_drafter(verifier)
+    batch = make_batch(verifier)
+    out = objective_loss(d, batch, ObjectiveConfig.for_name("hass", noise_std=0.0))
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.parameters() if p.requires_grad)
+    assert {"acc_step1", "acc_step2", "acc_step3", "topk_loss"} <= set(out)
+
+
+def test_checkpoint_reloads_bit_exactly(verifier, tmp_path):
+    d = make_drafter(verifier)
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
+    objective_loss(d, make_batch(verifier), ObjectiveConfig.for_name("eagle2"))["loss"].backward()
+    opt.step()
+    d.config.objective = "eagle2"
+    save_drafter(d, tmp_path / "ck")
+    back = load_drafter(tmp_path / "ck", verifier)
+    a, b = d.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic: nothing left behind
+
+
+# ---------------------------------------------------------------------- features
+
+def test_feature_shards_resume_and_reject_corruption(verifier, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(0, 2000, (10 + i,), generator=g).tolist(),
+                 "loss_mask": [0] * 5 + [1] * (5 + i)} for i in range(7)]
+    out = extract_features(verifier, examples, tmp_path / "f", shard_size=3, batch_size=2, progress=False)
+    fs = load_features([out], verifier.identity)
+    assert len(fs) == 7 and fs.manifest["parts"][0]["tokens"] == sum(10 + i for i in range(7))
+    # stored hidden states reproduce the verifier's logits through its lm_head
+    h = verifier.model(torch.tensor([examples[3]["input_ids"]]), torch.arange(13)[None], None,
+                       causal_mask(13)[None, None])[0]
+    torch.testing.assert_close(fs.hidden[3].float(), h, atol=3e-2, rtol=1e-2)
+    assert torch.equal(verifier.model.logits(fs.hidden[3].float()).argmax(-1), verifier.model.logits(h).argmax(-1))
+    # a kill after shard 0: remove the rest and rerun -> identical shards, shard 0 not rewritten
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+    mtime0 = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    for p in [out / "manifest.json", out / "shard-00001.safetensors", out / "shard-00002.safetensors"]:
+        p.unlink()
+    with pytest.raises(FeatureError, match="did not finish"):
+        load_features([out])
+    extract_features(verifier, examples, out, shard_size=3, batch_size=2, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == before
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == mtime0
+    # a truncated shard is a clear error
+    s1 = out / "shard-00001.safetensors"
+    s1.write_bytes(s1.read_bytes()[:100])
+    with pytest.raises(FeatureError, match="corrupt"):
+        load_features([out])
+    # another verifier's features are refused
+    other = dict(verifier.identity, hidden_size=999)
+    shutil.copy(tmp_path / "f" / "shard-00000.safetensors", tmp_path / "x.safetensors")
+    s1.write_bytes(before["shard-00001.safetensors"])
+    with pytest.raises(FeatureError, match="hidden_size"):
+        load_features([out], other)
+
+
+# ---------------------------------------------------------------------- averaging
+
+def test_weight_averaging(verifier, tmp_path):
+    a, b = make_drafter(verifier, seed=1), make_drafter(verifier, seed=2)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+    save_drafter(a, tmp_path / "a")
+    save_drafter(b, tmp_path / "b")
+    average_checkpoints([tmp_path / "a", tmp_path / "b"], [0.25, 0.75], tmp_path / "avg")
+    avg = load_drafter(tmp_path / "avg", verifier)
+    for k, v in avg.state_dict().items():
+        torch.testing.assert_close(v, 0.25 * a.state_dict()[k] + 0.75 * b.state_dict()[k])
+    cfg = json.loads((tmp_path / "avg" / "drafter.json").read_text())
+    assert cfg["objective"] == "averaged" and [x["weight"] for x in cfg["training"]["averaged_from"]] == [0.25, 0.75]
+    # three inputs, through the CLI
+    save_drafter(make_drafter(verifier, seed=3), tmp_path / "c")
+    r = subprocess.run([PY, "-m", "training.average", "--inputs", str(tmp_path / "a"), str(tmp_path / "b"),
+                        str(tmp_path / "c"), "--weights", "0.2", "0.3", "0.5", "--out", str(tmp_path / "avg3")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert load_drafter(tmp_path / "avg3", verifier).config.name == "avg3"
+    # refusals: bad weights, another verifier, other shapes
+    with pytest.raises(ValueError, match="sum to 1"):
+        average_checkpoints([tmp_path / "a", tmp_path / "b"], [0.5, 0.6], tmp_path / "bad")
+    other = _Verifier(random_llama(tiny_config(), seed=5), name="other")
+    save_drafter(make_drafter(other), tmp_path / "o")
+    with pytest.raises(DrafterMismatchError):
+        average_checkpoints([tmp_path / "a", tmp_path / "o"], [0.5, 0.5], tmp_path / "bad")
+    with pytest.raises(DrafterMismatchError):
+        average_state_dicts([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], [0.5, 0.5])
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------- train_drafter end to end
+
+def _workspace(tmp_path):
+    from training.prepare import make_tiny_workspace
+
+    make_tiny_workspace(tmp_path)
+    return tmp_path
+
+
+def _train(root, *extra, check=True):
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", "training/configs/tiny.yaml", "--root",
+                        str(root), "--no-ray", *extra], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    root = _workspace(tmp_path_factory.mktemp("tiny"))
+    r = _train(root)
+    return root, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_train_drafter_tiny_without_ray(trained_tiny):
+    from taps.compose import parse_strategy
+    from taps.config import SamplingConfig, TreeConfig
+    from taps.models.loading import load_verifier
+    from taps.runtime import build_engine
+
+    root, metrics = trained_tiny
+    out = root / "runs" / "tiny" / "drafter"
+    cfg = json.loads((out / "drafter.json").read_text())
+    assert cfg["objective"] == "hass" and cfg["training"]["steps"] == 6 and metrics["step"] == 6
+    assert cfg["training"]["final_loss"] == pytest.approx(metrics["loss"])
+    v = load_verifier(str(root / "runs" / "tiny" / "verifier"))
+    engine, info = build_engine(v, [f"tiny={out}"], TreeConfig(depth=3, top_k=2, total_tokens=6))
+    assert info["tiny"]["trained"]
+    res = engine.generate(v.encode_chat([{"role": "user", "content": "What is 2 + 3?"}]),
+                          parse_strategy("single:tiny", ["tiny"]), SamplingConfig(), 8)
+    assert len(res.token_ids) == 8
+
+
+def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
+    root_a, _ = trained_tiny
+    root_b = _workspace(tmp_path)
+    r = _train(root_b, "--stop-after-steps", "3", check=False)  # killed after step 3; last checkpoint: step 2
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert not (root_b / "runs" / "tiny" / "drafter").exists()
+    r = _train(root_b)
+    assert "resumed from" in r.stderr and "at step 2" in r.stderr
+    a = (root_a / "runs" / "tiny" / "drafter" / "model.safetensors").read_bytes()
+    b = (root_b / "runs" / "tiny" / "drafter" / "model.safetensors").read_bytes()
+    assert a == b  # bit-identical weights
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "training/configs/tiny.yaml").read_text())
+    cfg["data"] = {"conversations": ["runs/nope.jsonl"]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad.yaml"), "--root",
+                        str(tmp_path), "--no-ray"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.jsonl does not exist" in r.stderr
+    cfg = yaml.safe_load((ROOT / "training/configs/tiny.yaml").read_text())
+    cfg["objective"] = "medusa"
+    (tmp_path / "bad2.yaml").write_text(yaml.safe_dump(cfg))
+    _workspace(tmp_path)
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad2.yaml"), "--root",
+                        str(tmp_path), "--no-ray"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "objective must be one of" in r.stderr
+    cfg["objective"], cfg["verifier"] = "hass", "runs/no_such_verifier"
+    (tmp_path / "bad3.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad3.yaml"), "--root",
+                        str(tmp_path), "--no-ray"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no_such_verifier' does not exist" in r.stderr
+
+
+def test_resume_refuses_another_verifiers_checkpoint(trained_tiny, tmp_path):
+    from taps.testing import make_tiny_verifier_dir
+
+    root_a, _ = trained_tiny
+    root_b = _workspace(tmp_path)
+    shutil.rmtree(root_b / "runs" / "tiny" / "verifier")
+    make_tiny_verifier_dir(root_b / "runs" / "tiny" / "verifier", seed=9)  # same shapes, other weights
+    shutil.copytree(root_a / "runs" / "tiny" / "checkpoints" / "tiny" / "local",
+                    root_b / "runs" / "tiny" / "checkpoints" / "tiny" / "local")
+    shutil.copytree(root_a / "runs" / "tiny" / "checkpoints" / "tiny" / "features",
+                    root_b / "runs" / "tiny" / "checkpoints" / "tiny" / "features")
+    r = _train(root_b, check=False)
+    assert r.returncode != 0 and "was made for verifier" in r.stderr
+
+
+def test_training_does_nothing_at_import():
+    code = ("import sys; import training.train_drafter as t; "
+            "assert 'deepspeed' not in sys.modules and 'ray' not in sys.modules; assert callable(t.main)")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.ray
+def test_train_drafter_on_ray_train_two_workers(tmp_path):
+    """Ray Train TorchTrainer + DeepSpeed (gloo) with 2 CPU workers on a local Ray; a rerun resumes."""
+    ray = pytest.importorskip("ray")
+    root = _workspace(tmp_path)
+    code = (
+        "import ray, json, sys; from pathlib import Path; "
+        "from training.train_drafter import TrainConfig, main; "
+        "ray.init(num_cpus=2, include_dashboard=False, runtime_env={'env_vars': {'DS_ACCELERATOR': 'cpu'}}); "
+        f"cfg = TrainConfig.load('training/configs/tiny.yaml', Path({str(root)!r})); "
+        "m = main(cfg, use_ray=True); print(json.dumps(m))"
+    )
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""})
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    out = root / "runs" / "tiny" / "drafter"
+    cfg = json.loads((out / "drafter.json").read_text())
+    assert cfg["training"]["workers"] == 2 and cfg["training"]["steps"] == 6
+    assert list((root / "runs" / "tiny" / "checkpoints" / "tiny").glob("checkpoint_*"))
+    del ray
