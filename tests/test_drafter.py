@@ -36,3 +36,15 @@ def test_reduced_vocab_keeps_draft_choices_inside_the_map(tmp_path):
     back = load_drafter(tmp_path / "d", v)
     for (k, a), (k2, b) in zip(sorted(smaller.state_dict().items()), sorted(back.state_dict().items())):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_verifier_rows_head_is_not_saved_and_rebuilt_on_load(tmp_path):
+    v = _verifier(tmp_path)
+    small = with_reduced_vocab(new_drafter("chat", v, seed=2), torch.tensor([5, 1, 77, 30, 2]))
+    assert small.config.head == "verifier-rows"
+    save_drafter(small, tmp_path / "d")
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
+    back = load_drafter(tmp_path / "d", v)
+    assert torch.equal(back.lm_head.weight, v.model.lm_head.weight[[5, 1, 77, 30, 2]])

@@ -477,14 +477,18 @@ def cli(argv: list[str] | None = None) -> int:
                     "(default: the current directory; pass $PWD under `ray job submit --working-dir .`)")
     ap.add_argument("--no-ray", action="store_true", help="train in this process (debugging)")
     ap.add_argument("--max-steps", type=int, default=None, help="override max_steps")
+    ap.add_argument("--output", default=None, help="override output_dir (where the final drafter is written)")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="override device (cuda on GPU workers)")
     ap.add_argument("--stop-after-steps", type=int, default=None,
                     help="fault injection for tests: exit hard after this many steps (--no-ray only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = TrainConfig.load(args.config, Path(args.root) if args.root else None)
-        if args.max_steps is not None:
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": args.max_steps})
+        overrides = {k: v for k, v in (("max_steps", args.max_steps), ("output_dir", args.output),
+                                        ("device", args.device)) if v is not None}
+        if overrides:
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
     except TrainConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ class DrafterConfig:
     verifier: dict  # taps.models.loading.verifier_identity of the verifier it drafts for
     draft_vocab_size: int = 0  # 0: full verifier vocabulary through the verifier's lm_head
     objective: str = "random-init"  # eagle2, hass, averaged, or random-init (untrained)
+    head: str = "own"  # reduced vocab head: "own" (trained, saved) or "verifier-rows" (the verifier's rows, not saved)
     training: dict = field(default_factory=dict)  # provenance: data, steps, loss, ...
 
     @property
@@ -135,7 +136,8 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if token_ids.unique().numel() != token_ids.numel():
         raise ValueError("reduced draft vocabulary has repeated token ids")
-    cfg = DrafterConfig(**{**drafter.config.__dict__, "draft_vocab_size": int(token_ids.numel())})
+    head = "verifier-rows" if drafter.lm_head is None or drafter.config.head == "verifier-rows" else "own"
+    cfg = DrafterConfig(**{**drafter.config.__dict__, "draft_vocab_size": int(token_ids.numel()), "head": head})
     out = EagleDrafter(cfg, drafter.embed_tokens, drafter.verifier_lm_head)
     state = {k: v for k, v in drafter.state_dict().items() if not k.startswith(("lm_head", "d2t"))}
     out.load_state_dict(state, strict=False)
@@ -202,6 +204,8 @@ def save_drafter(drafter: EagleDrafter, directory: str | Path) -> str:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp"))
     state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    if drafter.config.head == "verifier-rows":
+        state.pop("lm_head.weight", None)  # rebuilt from the verifier's lm_head and d2t at load time
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
     (tmp / "drafter.json").write_text(json.dumps(drafter.config.to_json(), indent=2))
     if directory.exists():
@@ -244,6 +248,11 @@ def load_drafter(directory: str | Path, verifier, name: str | None = None,
     drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
     state = load_file(str(directory / "model.safetensors"))
     missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if cfg.head == "verifier-rows" and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+        with torch.no_grad():
+            drafter.lm_head.weight.copy_(m.lm_head.weight[drafter.d2t.to(m.lm_head.weight.device)].to(
+                drafter.lm_head.weight.dtype))
     if missing or unexpected:
         raise DrafterMismatchError(f"{directory}: weights do not fit the drafter (missing {missing[:4]}, "
                                    f"unexpected {unexpected[:4]})")
