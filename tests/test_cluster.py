@@ -223,6 +223,58 @@ def test_concurrent_streams_are_all_lossless(cluster):
     assert outs == refs
 
 
+def test_backpressure_answers_429_beyond_the_queue(cluster):
+    """A second router app with room for one request and no queue: concurrent callers get 429, never 500."""
+    import concurrent.futures as cf
+
+    from cluster.app import build_app
+
+    cfg = {"verifier": str(cluster["vdir"]), "dtype": "float64", "tree": TREE, "drafters": [], "strategy": "none",
+           "max_len": 512, "max_concurrent": 1, "max_queue": 0, "min_replicas": 1, "max_replicas": 1}
+    serve.run(build_app(cfg), name="taps-bp", route_prefix="/bp", blocking=False)
+    body = {"messages": MESSAGES, "max_tokens": 48, "temperature": 0}
+
+    def one(_):
+        return httpx.post(cluster["base"] + "/bp/v1/chat/completions", json=body, timeout=300)
+
+    t0 = time.time()
+    while httpx.get(cluster["base"] + "/bp/health", timeout=30).status_code != 200 and time.time() - t0 < 120:
+        time.sleep(1)
+    with cf.ThreadPoolExecutor(6) as pool:
+        codes = [r.status_code for r in pool.map(one, range(6))]
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    serve.delete("taps-bp")
+
+
+def test_fuzzed_http_bodies_never_500(cluster):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=False),
+                       st.text(max_size=20))
+    field = st.one_of(scalar, st.lists(scalar, max_size=3), st.dictionaries(st.text(max_size=8), scalar, max_size=3))
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x", 3]), "content": field})
+    body = st.fixed_dictionaries({}, optional={
+        "messages": st.one_of(st.lists(message, max_size=3), field),
+        "max_tokens": st.one_of(st.integers(-5, 10**7), scalar), "temperature": st.one_of(st.floats(-3, 5), scalar),
+        "top_p": field, "stream": st.booleans(), "n": st.integers(-1, 3),
+        "taps": st.one_of(field, st.fixed_dictionaries({}, optional={"strategy": st.sampled_from(
+            ["none", "merged", "single:math", "single:", "bogus", "entropy"]), "drafters": st.lists(st.text(max_size=6))}))})
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body)
+    def check(b):
+        if isinstance(b.get("max_tokens"), int) and b["max_tokens"] > 0:
+            b["max_tokens"] = min(b["max_tokens"], 4)  # keep accepted requests short
+        r = httpx.post(cluster["base"] + "/v1/chat/completions", json=b, timeout=120,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code in (200, 400, 413, 429), (b, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+
+
 def test_killed_verifier_fails_cleanly_then_recovers(cluster):
     from cluster.app import NAMESPACE
 
