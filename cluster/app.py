@@ -244,7 +244,8 @@ class TapsRouter:
             raise ValueError(f"max_tokens {max_new} is over this server's limit of {self.cfg.max_tokens_limit}")
         ready = self._ready_drafters()
         opts = req.taps
-        names = list(opts.drafters) if opts and opts.drafters else sorted(ready)
+        defaults = [n for n in (self.cfg.default_drafters or sorted(ready)) if n in ready]
+        names = list(opts.drafters) if opts and opts.drafters else defaults
         spec = (opts.strategy if opts and opts.strategy else self.cfg.strategy)
         if spec != "none" and not (opts and (opts.strategy or opts.drafters)) and not ready:
             spec = "none"  # default strategy with no drafter up: plain decoding, still correct

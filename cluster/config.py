@@ -35,6 +35,7 @@ class AppConfig(BaseModel):
     drafter_dtype: str | None = None  # drafter dtype (default: the verifier's)
     drafters: list[DrafterEntry] = Field(default_factory=list)
     strategy: str = "merged"  # default when a request names none
+    default_drafters: list[str] | None = None  # drafters a request uses when it names none (None: every ready one)
     tree: TreeArgs = Field(default_factory=TreeArgs)
     redis_url: str | None = None  # None: REDIS_URL env, else the caller must provide one
     api_key: str | None = None  # Bearer key for inference routes (env TAPS_API_KEY)

@@ -64,6 +64,9 @@ def config_from_args(args) -> dict:
         shipped = shipped_drafters(base)
         cfg["drafters"] = ([{"name": n, "checkpoint": str(base / n)} for n in shipped]
                            or [{"name": "math"}, {"name": "chat"}])
+    names = [d["name"] for d in cfg["drafters"]]
+    if "default_drafters" not in cfg and {"math", "chat"} <= set(names):
+        cfg["default_drafters"] = ["math", "chat"]  # the paper's pair; others are used when a request names them
     return cfg
 
 
@@ -93,7 +96,9 @@ def main(args) -> int:
         pass
     print("shutting down ...", file=sys.stderr, flush=True)
     serve.shutdown()
-    for name in ("taps-verifier", "taps-registry"):
+    # the actors are detached (they outlive a router replica): stop them too, also on a shared cluster
+    names = [n for n in ray.util.list_named_actors() if n.startswith("taps-drafter-")]
+    for name in names + ["taps-verifier", "taps-registry"]:
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:

@@ -35,7 +35,10 @@ def _drafter_names(args) -> list[str]:
 
     if args.drafters:
         return [d.strip() for d in args.drafters.split(",") if d.strip()]
-    return shipped_drafters(args.drafter_dir) or ["math", "chat"]
+    shipped = shipped_drafters(args.drafter_dir)
+    if not shipped or {"math", "chat"} <= set(shipped):
+        return ["math", "chat"]  # the paper's pair (random-init, labelled, when none is shipped)
+    return shipped
 
 
 def cmd_generate(args) -> int:
