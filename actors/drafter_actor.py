@@ -43,7 +43,7 @@ class DrafterActor:
             host = ray.util.get_node_ip_address()
         self._server, port = serve_drafter(self.runner, host, 0, checkpoint_sha256=self.sha256)
         self.address = f"{host}:{port}"
-        self.replica_id = uuid.uuid4().hex[:12]
+        self.replica_id = _replica_id()
         self._idle_timeout_s = idle_timeout_s
         self._registry = None
         self._stop = threading.Event()
@@ -78,6 +78,21 @@ class DrafterActor:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 log.warning("could not deregister %s", self.replica_id)
         self._server.stop(grace=2)
+
+
+def _replica_id() -> str:
+    """The Ray actor name when there is one: a restarted actor (new port) then replaces its own
+    registry entry at once instead of leaving the dead address until its TTL runs out."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            name = ray.get_runtime_context().get_actor_name()
+            if name:
+                return name
+    except Exception:  # noqa: BLE001 - outside an actor: a random id
+        log.debug("no actor name; using a random replica id")
+    return uuid.uuid4().hex[:12]
 
 
 def drafter_actor_options(name: str, gpu: bool) -> dict:

