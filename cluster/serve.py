@@ -14,6 +14,17 @@ from pathlib import Path
 log = logging.getLogger("taps.serve")
 
 
+# Serve kills a proxy that is not ready within 5 s (health checks: 10 s); on a busy 2-core machine
+# a Python process can need longer just to start. Generous defaults, still overridable.
+PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def use_patient_serve_env() -> None:
+    """Set PATIENT_SERVE_ENV (unless already set) before ray.init, so Ray's processes inherit it."""
+    for k, v in PATIENT_SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def load_config(path: str | None) -> dict:
     if not path:
         return {}
@@ -81,6 +92,7 @@ def main(args) -> int:
         if not d.get("checkpoint"):
             log.warning("drafter %r has no checkpoint: serving a RANDOM-INIT (untrained) drafter", d["name"])
     app = build_app(cfg)  # validates the config before anything starts
+    use_patient_serve_env()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE)
     else:

@@ -50,9 +50,18 @@ def cluster(tmp_path_factory):
                         {"name": "chat", "checkpoint": str(paths["chat"])}],
            "api_key": API_KEY, "admin_key": ADMIN_KEY, "max_len": 512, "max_tokens_limit": 64,
            "deadline_ms": 20000, "min_replicas": 1, "max_replicas": 1}
+    from cluster.serve import use_patient_serve_env
+
+    use_patient_serve_env()
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="taps", route_prefix="/", blocking=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name="taps", route_prefix="/", blocking=False)
+    except Exception:
+        ray.shutdown()  # leave no Ray behind for the next test module
+        raise
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while time.time() - t0 < 300:

@@ -41,6 +41,11 @@ def test_train_in_the_serving_cluster_then_add_and_use(tmp_path):
     make_tiny_workspace(tmp_path)
     vdir = tmp_path / "runs/tiny/verifier"
     port, dash = _free_port(), _free_port()
+    from cluster.serve import use_patient_serve_env
+
+    use_patient_serve_env()
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dash, log_to_driver=False)
     try:
