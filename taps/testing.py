@@ -68,3 +68,16 @@ def make_tiny_verifier_dir(directory: Path, seed: int = 0, with_tokenizer: bool 
 
         tok_dir = resolve_verifier(None)[1]
     return save_hf_llama(random_llama(tiny_config(layers=layers), seed=seed, scale=scale), directory, tok_dir)
+
+
+def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5):
+    """An untrained drafter over a (tiny) verifier model, with weights large enough to vary its drafts."""
+    from taps.models.drafter import DrafterConfig, EagleDrafter
+
+    torch.manual_seed(seed)
+    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
+    d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0, std)
+    return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)

@@ -13,23 +13,16 @@ from taps.compose import merge_trees, parse_strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
-from taps.models.drafter import DrafterMismatchError, EagleDrafter, DrafterConfig
+from taps.models.drafter import DrafterMismatchError
 from taps.models.llama import build_mask, causal_mask
-from taps.testing import random_llama, tiny_config
+from taps.testing import random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
 from taps.verify import ContextOverflowError, VerifierRunner, accept_sampling
 
 STRATEGIES = ["none", "single:a", "single:b", "confidence", "entropy", "merged"]
 
 
-def make_drafter(verifier, name, seed):
-    torch.manual_seed(seed)
-    cfg = DrafterConfig(name=name, domain=name, llama=verifier.config, verifier={"name": "tiny"})
-    d = EagleDrafter(cfg, verifier.embed_tokens, verifier.lm_head)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.normal_(0, 0.5)
-    return d.to(verifier.embed_tokens.weight.dtype).eval().requires_grad_(False)
+make_drafter = random_drafter
 
 
 def greedy_reference(model, prompt, n, eos=()):

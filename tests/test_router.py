@@ -12,8 +12,7 @@ from cluster.router import _DrafterLink, decode
 from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
-from taps.models.drafter import DrafterConfig, EagleDrafter
-from taps.testing import random_llama, tiny_config
+from taps.testing import random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
 
 
@@ -61,13 +60,7 @@ def model():
 
 
 def _drafter(model, name, seed):
-    torch.manual_seed(seed)
-    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
-    d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.normal_(0, 0.5)
-    return DrafterRunner(d.double().eval())
+    return DrafterRunner(random_drafter(model, name, seed))
 
 
 async def _collect(gen):
