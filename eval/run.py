@@ -43,6 +43,32 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
+ENTROPY_BIN = 0.25  # nats per histogram bin of draft entropy (Figure 7 analogue)
+ENTROPY_BINS = 40  # 0 .. 10 nats; larger values land in the last bin
+
+
+class _EntropyHist:
+    """Draft entropy of verified nodes by verdict (accepted / rejected / duplicate / unreached)."""
+
+    def __init__(self):
+        self.n: dict[str, int] = defaultdict(int)
+        self.sum: dict[str, float] = defaultdict(float)
+        self.hist: dict[str, list[int]] = defaultdict(lambda: [0] * ENTROPY_BINS)
+
+    def add(self, records) -> None:
+        for r in records:
+            self.n[r.status] += 1
+            self.sum[r.status] += r.entropy
+            self.hist[r.status][min(ENTROPY_BINS - 1, max(0, int(r.entropy / ENTROPY_BIN)))] += 1
+
+    def to_dict(self) -> dict:
+        out = {"bin_width": ENTROPY_BIN}
+        for k in ("accepted", "rejected", "duplicate", "unreached"):
+            n = self.n.get(k, 0)
+            out[k] = {"n": n, "mean": round(self.sum[k] / n, 4) if n else None, "hist": list(self.hist[k])}
+        return out
+
+
 class _Acc:
     """Per (dataset, strategy, temperature) sums."""
 
@@ -58,8 +84,12 @@ class _Acc:
         self.mismatches = 0
         self.draft_s = 0.0
         self.verify_s = 0.0
+        self.entropy: _EntropyHist | None = None
 
     def add(self, stats, n_tokens: int, seconds: float) -> None:
+        if stats.node_log is not None:
+            self.entropy = self.entropy or _EntropyHist()
+            self.entropy.add(stats.node_log)
         self.tokens += n_tokens
         self.seconds += seconds
         self.steps += stats.steps
@@ -76,7 +106,10 @@ class _Acc:
 
 
 def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafter_names: list[str],
-             temperatures: list[float], max_new_tokens: int, seed: int = 0, progress: bool = True) -> list[dict]:
+             temperatures: list[float], max_new_tokens: int, seed: int = 0, progress: bool = True,
+             record_entropy: bool = False) -> list[dict]:
+    """Rows per CONTRACTS.md; with record_entropy, rows of drafting strategies also carry `draft_entropy`
+    (histograms of draft entropy of accepted vs rejected tree nodes)."""
     from tqdm import tqdm
 
     from taps.compose import parse_strategy
@@ -86,6 +119,7 @@ def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafte
     bar = tqdm(total=total, desc="taps eval", unit="gen", disable=not progress)
     acc: dict[tuple, _Acc] = defaultdict(_Acc)
     order = []
+    engine.record_nodes = record_entropy
     for temp in temperatures:
         for rows in prompt_sets:
             for k, row in enumerate(rows):
@@ -115,6 +149,7 @@ def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafte
                         a.mismatches += 1
                     bar.update(1)
     bar.close()
+    engine.record_nodes = False
     rows_out = []
     for key in order:
         dataset, name, temp = key
@@ -132,6 +167,8 @@ def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafte
             "n_tokens": a.tokens, "steps": a.steps,
             "draft_tokens_per_step": round(a.draft_tokens / a.steps, 3) if a.steps else 0.0,
             "draft_s": round(a.draft_s, 3), "verify_s": round(a.verify_s, 3), "total_s": round(a.seconds, 3)})
+        if a.entropy is not None and strat.kind != "none":
+            rows_out[-1]["draft_entropy"] = a.entropy.to_dict()
     return rows_out
 
 

@@ -98,6 +98,8 @@ class Decoding:
         kept = self._emit(result.tokens)
         accepted = min(result.accept_length, len(kept))
         self.stats.observe_step(tree.size, accepted, len(kept), winner, draft_s, verify_s)
+        if self.stats.node_log is not None:  # analysis only (TapsEngine.record_nodes)
+            self.stats.observe_nodes(tree, result.accepted_nodes)
         self.stats.new_tokens = len(self.token_ids)
         self._next_tokens = torch.tensor(result.tokens, dtype=torch.long)
         self._next_hidden = result.hidden
@@ -120,6 +122,7 @@ class TapsEngine:
         self.tree = tree  # the fixed tree configuration, unless a policy is set for the strategy
         self.policies = policies or {}  # strategy name -> adaptive tree policy
         self.eos_ids = frozenset(eos_ids)
+        self.record_nodes = False  # True: fill stats.node_log (per draft node entropy and verdict)
 
     def generate(self, prompt_ids: list[int], strategy: Strategy, sampling: SamplingConfig,
                  max_new_tokens: int, on_tokens=None) -> GenerationResult:
@@ -129,6 +132,8 @@ class TapsEngine:
         policy = self.policies.get(strategy.name)
         largest = policy.max_tree if policy else self.tree
         state = Decoding(strategy, max_new_tokens, self.eos_ids, largest.depth)
+        if self.record_nodes:
+            state.stats.node_log = []
         rid = uuid.uuid4().hex
         gen = torch.Generator(device="cpu")
         gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item()))

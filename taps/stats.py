@@ -11,6 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    """One verified draft node (analysis only: accepted vs rejected draft entropy, paper Figure 7)."""
+
+    drafter: str
+    depth: int
+    entropy: float
+    status: str  # accepted | rejected | duplicate | unreached
+
+
 @dataclass
 class GenerationStats:
     strategy: str
@@ -24,6 +34,36 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
+    # Optional analysis log (not part of the CONTRACTS.md `stats` object, never in to_dict): None unless the
+    # engine was asked to record nodes (TapsEngine.record_nodes); then one NodeRecord per verified draft node.
+    node_log: list["NodeRecord"] | None = None
+
+    def observe_nodes(self, tree, accepted_nodes: list[int]) -> None:
+        """Log every draft node of a verified tree: its drafter, depth, draft entropy and verdict.
+
+        status: "accepted" (on the accepted path), "rejected" (a child of an accepted node or of the root
+        that the verifier tried and refused), "duplicate" (a sibling with the accepted token, as merged trees
+        have), "unreached" (below a rejected node, never judged).
+        """
+        if self.node_log is None:
+            return
+        on_path = set(accepted_nodes) | {0}
+        parents = tree.parents.tolist()
+        depths = tree.depths.tolist()
+        ents = tree.entropies.tolist()
+        tokens = tree.tokens.tolist()
+        src = tree.source.tolist()
+        names = tree.drafters
+        taken = {parents[a]: tokens[a] for a in accepted_nodes if a > 0}  # parent -> accepted child token
+        for i in range(1, tree.size):
+            if i in on_path:
+                status = "accepted"
+            elif parents[i] in on_path:  # tried; a copy of the accepted token (merged trees) is not a refusal
+                status = "duplicate" if taken.get(parents[i]) == tokens[i] else "rejected"
+            else:
+                status = "unreached"
+            name = names[src[i]] if src[i] < len(names) else ""
+            self.node_log.append(NodeRecord(name, depths[i], ents[i], status))
 
     def observe_step(self, tree_size: int, accepted: int, emitted: int, winner: str | None,
                      draft_s: float, verify_s: float) -> None:
