@@ -24,7 +24,8 @@ def hass_as_main(rows: list[dict]) -> list[dict]:
 
 
 def _objective(res: dict) -> str:
-    objs = {(d.get("objective") or "?") for d in res.get("env", {}).get("drafters", {}).values()}
+    objs = {(d.get("objective") or "?") for n, d in res.get("env", {}).get("drafters", {}).items()
+            if n in ("math", "chat")} or {"?"}
     return "/".join(sorted(objs))
 
 
@@ -52,7 +53,8 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
         f"{tree.get('total_tokens')} nodes per drafter. **n = {meta.get('limit')} prompts per set** (MT-Bench: "
         f"both turns), {meta.get('max_new_tokens')} new tokens, temperatures {', '.join(f'{t:g}' for t in temps)}. "
         f"`lossless_mismatches` summed over every temperature-0 row: {mism} ({n_gen} prompt runs in all). "
-        f"Raw files: `results/*.json`; stage times (s): {meta.get('stage_seconds')}.\n")
+        f"Raw files: `results/*.json`; stage times: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in (meta.get("stage_seconds") or {}).items()) + ".\n")
     if meta.get("quick"):
         add("**This is a --quick smoke run: one prompt per set and few tokens; the numbers mean nothing.**\n")
 

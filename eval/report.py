@@ -202,7 +202,13 @@ class Runner:
         elif gguf is None:
             skipped["llama.cpp"] = "no GGUF for this verifier (only the shipped SmolLM2 GGUF is known)"
         else:
-            systems += llama_cpp_peers(gguf, eos, threads=self.args.threads)
+            try:  # an incompatible llama-cpp-python version skips these rows instead of failing the report
+                cpp = llama_cpp_peers(gguf, eos, threads=self.args.threads)
+                for peer in cpp:
+                    peer.generate(self.verifier.encode_chat([{"role": "user", "content": "Hi"}]), 2)
+                systems += cpp
+            except Exception as e:  # noqa: BLE001
+                skipped["llama.cpp"] = f"llama-cpp-python failed: {type(e).__name__}: {e}"
         sets = {}
         for rows in self.prompts(self.args.datasets):
             sets[rows[0]["dataset"]] = [self.verifier.encode_chat([{"role": "user", "content": r["turns"][0]}])

@@ -344,8 +344,9 @@ def findings(rows: list[dict], sweep: list[dict] | None = None, method: str = "E
             if ends and inner:
                 below = all(v < max(ends) for v in inner.values())
                 best_l = max(inner, key=inner.get)
-                txt = (f"**Averaging sweep on {d} {'agrees' if below else 'does not agree'}**: every interior lambda "
-                       f"{'stays below' if below else 'does not stay below'} the better endpoint "
+                txt = (f"**Averaging sweep on {d} {'agrees' if below else 'does not agree'}**: "
+                       f"{'every interior lambda stays' if below else 'not every interior lambda stays'} below the "
+                       f"better endpoint "
                        f"({max(ends):.2f}); best interior lambda {best_l:g} gives {inner[best_l]:.2f}")
                 if merged is not None:
                     txt += f", merged trees {merged:.2f}"
