@@ -25,9 +25,45 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def make_taps_generate_fn(verifier: str | None = None, max_new_tokens: int = 256, batch_size: int = 16,
+                          temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16", progress: bool = True):
+    """Like `make_generate_fn`, on the taps Llama (`taps.batchgen.batch_generate`: static KV cache,
+    finished rows leave the batch); several times faster than HF `generate` on CPU."""
+    import torch
+
+    from taps.batchgen import batch_generate
+    from taps.models.loading import load_verifier
+
+    v = load_verifier(verifier, dtype=getattr(torch, dtype))
+    eos = set(v.eos_token_ids)
+    gen = torch.Generator().manual_seed(seed)
+
+    def generate_fn(prompts: list[list[dict]]) -> list[str]:
+        from tqdm import tqdm
+
+        ids = [v.encode_chat(m) for m in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
+        out: list[str | None] = [None] * len(ids)
+        for b in tqdm(range(0, len(order), batch_size), desc="distill", disable=not progress):
+            idx = order[b:b + batch_size]
+            new = batch_generate(v.model, [ids[i] for i in idx], max_new_tokens, eos, temperature, gen)
+            for i, toks in zip(idx, new):
+                out[i] = v.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        return out  # type: ignore[return-value]
+
+    return generate_fn
+
+
 def make_generate_fn(verifier: str | None = None, max_new_tokens: int = 256, batch_size: int = 16,
-                     temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16", progress: bool = True):
-    """A batched `generate_fn(list[list[message]]) -> list[str]` over the verifier (chat template applied)."""
+                     temperature: float = 0.0, seed: int = 0, dtype: str = "bfloat16", progress: bool = True,
+                     backend: str = "taps"):
+    """A batched `generate_fn(list[list[message]]) -> list[str]` over the verifier (chat template applied).
+
+    backend "taps" (default): `make_taps_generate_fn`; "hf": Hugging Face `generate`."""
+    if backend == "taps":
+        return make_taps_generate_fn(verifier, max_new_tokens, batch_size, temperature, seed, dtype, progress)
+    if backend != "hf":
+        raise ValueError(f"backend must be 'taps' or 'hf', got {backend!r}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,7 +169,7 @@ def regenerate(conversations: list[dict], generate_fn) -> list[dict]:
 
 def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, max_new_tokens: int = 256,
                  batch_size: int = 16, temperature: float = 0.0, seed: int = 0, limit: int | None = None,
-                 dtype: str = "bfloat16", chunk: int = 64) -> Path:
+                 dtype: str = "bfloat16", chunk: int = 64, backend: str = "taps") -> Path:
     """Regenerate `inp` into `out` (jsonl), in chunks appended to `out.partial` so a kill loses at most one
     chunk; `out` appears (atomically) only when complete."""
     import json
@@ -147,7 +183,7 @@ def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, 
     convs = read_conversations([inp], limit)
     partial = out.with_name(out.name + ".partial")
     done = sum(1 for _ in open(partial)) if partial.exists() else 0  # conversations already regenerated
-    fn = make_generate_fn(verifier, max_new_tokens, batch_size, temperature, seed, dtype)
+    fn = make_generate_fn(verifier, max_new_tokens, batch_size, temperature, seed, dtype, backend=backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     for start in range(done, len(convs), chunk):
         part = regenerate(convs[start:start + chunk], fn)
@@ -183,6 +219,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", choices=("taps", "hf"), default="taps",
+                    help="generation: taps (static-cache batched Llama, default) or hf (transformers generate)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -196,7 +234,7 @@ def cli(argv: list[str] | None = None) -> int:
         if not Path(inp).exists():
             write_conversations(inp, fallback_conversations(args.fallback_domain, args.fallback_n, args.seed))
     out = distill_file(inp, args.output, args.verifier, args.max_new_tokens, args.batch_size,
-                       args.temperature, args.seed, args.limit, args.dtype)
+                       args.temperature, args.seed, args.limit, args.dtype, backend=args.backend)
     print(out)
     return 0
 
