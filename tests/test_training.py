@@ -254,8 +254,8 @@ def _workspace(tmp_path):
     return tmp_path
 
 
-def _train(root, *extra, check=True):
-    r = subprocess.run([PY, "training/train_drafter.py", "--config", "training/configs/tiny.yaml", "--root",
+def _train(root, *extra, check=True, config="training/configs/tiny.yaml"):
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", str(config), "--root",
                         str(root), "--no-ray", *extra], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     if check:
@@ -287,6 +287,32 @@ def test_train_drafter_tiny_without_ray(trained_tiny):
     res = engine.generate(v.encode_chat([{"role": "user", "content": "What is 2 + 3?"}]),
                           parse_strategy("single:tiny", ["tiny"]), SamplingConfig(), 8)
     assert len(res.token_ids) == 8
+
+
+def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
+    """draft_head verifier-rows: the head stays the verifier's lm_head rows (exact targets), is not saved,
+    and the reloaded drafter drafts over its token map."""
+    import yaml
+
+    from taps.models.drafter import load_drafter
+    from taps.models.loading import load_verifier
+
+    root = _workspace(tmp_path)
+    cfg = yaml.safe_load((ROOT / "training" / "configs" / "tiny.yaml").read_text())
+    cfg.update(draft_vocab_size=64, draft_head="verifier-rows", objective="eagle2", objective_overrides={},
+               max_steps=2, output_dir="runs/tiny/reduced")
+    (root / "reduced.yaml").write_text(yaml.safe_dump(cfg))
+    _train(root, config=root / "reduced.yaml")
+    out = root / "runs" / "tiny" / "reduced"
+    meta = json.loads((out / "drafter.json").read_text())
+    assert meta["draft_vocab_size"] == 64 and meta["head"] == "verifier-rows"
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("lm_head") for k in load_file(out / "model.safetensors"))
+    v = load_verifier(str(root / "runs" / "tiny" / "verifier"))
+    d = load_drafter(out, v)
+    torch.testing.assert_close(d.lm_head.weight.float(), v.model.lm_head.weight[d.d2t].float())
+    assert d.d2t.unique().numel() == 64 and int(d.d2t.max()) < v.model.config.vocab_size
 
 
 def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):

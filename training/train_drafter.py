@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; 0: epochs decide
     draft_vocab_size: int = 0  # 0: full vocabulary through the verifier's lm_head
+    draft_head: str = "verifier-rows"  # reduced vocabulary: frozen verifier rows (exact targets) or "own" (trained)
     seed: int = 0  # init, data order and noise
     num_workers: int = 2  # Ray Train workers (ignored with --no-ray)
     threads_per_worker: int = 1  # torch threads per worker
@@ -146,6 +147,8 @@ class TrainConfig:
         for p in self.data.conversations:
             if not Path(p).exists():
                 raise TrainConfigError(f"conversation file {p} does not exist")
+        if self.draft_head not in ("own", "verifier-rows"):
+            raise TrainConfigError(f"draft_head must be 'own' or 'verifier-rows', got {self.draft_head!r}")
         if self.max_len < 8 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise TrainConfigError("max_len >= 8, checkpoint_every >= 1 and keep_checkpoints >= 1 required")
         if self.epochs < 1 and self.max_steps < 1:
@@ -245,8 +248,10 @@ def train_worker(cfg_dict: dict) -> dict:
         counts = torch.bincount(torch.cat(feats.input_ids), minlength=verifier.model.config.vocab_size)
         token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
-                          seed=cfg.seed, token_ids=token_ids)
+                          seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head)
     drafter = drafter.to(torch.float32).train()
+    if cfg.draft_vocab_size and cfg.draft_head == "verifier-rows":
+        drafter.lm_head.requires_grad_(False)  # .to() keeps the flag; stated for clarity
     ocfg = ObjectiveConfig.for_name(cfg.objective, **cfg.objective_overrides)
 
     ds = cfg.ds_config()

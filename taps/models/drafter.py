@@ -160,10 +160,15 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
 # ---------------------------------------------------------------------- creation, save, load
 
 def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size: int = 0,
-                seed: int = 0, token_ids: torch.Tensor | None = None) -> EagleDrafter:
-    """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier)."""
+                seed: int = 0, token_ids: torch.Tensor | None = None, head: str = "own") -> EagleDrafter:
+    """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier).
+
+    With a reduced vocabulary, `head` "verifier-rows" freezes the head at the verifier's lm_head rows
+    (nothing to train, nothing saved); "own" starts from those rows and trains them."""
+    if head not in ("own", "verifier-rows"):
+        raise ValueError(f"head must be 'own' or 'verifier-rows', got {head!r}")
     cfg = DrafterConfig(name=name, domain=domain or name, llama=verifier.model.config,
-                        verifier=verifier.identity, draft_vocab_size=draft_vocab_size)
+                        verifier=verifier.identity, draft_vocab_size=draft_vocab_size, head=head)
     torch.manual_seed(seed)
     m = verifier.model
     drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
@@ -171,6 +176,8 @@ def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size
         drafter.layer.load_state_dict(m.layers[-1].state_dict())
     if draft_vocab_size:
         drafter.init_reduced_vocab(token_ids if token_ids is not None else torch.arange(draft_vocab_size))
+        if head == "verifier-rows":
+            drafter.lm_head.requires_grad_(False)
     p = m.embed_tokens.weight
     return drafter.to(device=p.device, dtype=p.dtype)
 
