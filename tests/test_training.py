@@ -299,8 +299,14 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
 
     root = _workspace(tmp_path)
     cfg = yaml.safe_load((ROOT / "training" / "configs" / "tiny.yaml").read_text())
-    cfg.update(draft_vocab_size=64, draft_head="verifier-rows", objective="eagle2", objective_overrides={},
-               max_steps=2, output_dir="runs/tiny/reduced")
+    token_map = sorted(torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:64].tolist())
+    (root / "map.json").write_text(json.dumps({"size": 64, "token_ids": token_map}))
+    cfg.update(draft_vocab_size=65, draft_vocab_map="map.json", draft_head="verifier-rows", objective="eagle2",
+               objective_overrides={}, max_steps=2, output_dir="runs/tiny/reduced")
+    (root / "reduced.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(root, config=root / "reduced.yaml", check=False)  # the map's size must match draft_vocab_size
+    assert r.returncode != 0 and "holds 64 tokens but draft_vocab_size is 65" in r.stderr
+    cfg["draft_vocab_size"] = 64
     (root / "reduced.yaml").write_text(yaml.safe_dump(cfg))
     _train(root, config=root / "reduced.yaml")
     out = root / "runs" / "tiny" / "reduced"
@@ -312,7 +318,7 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     v = load_verifier(str(root / "runs" / "tiny" / "verifier"))
     d = load_drafter(out, v)
     torch.testing.assert_close(d.lm_head.weight.float(), v.model.lm_head.weight[d.d2t].float())
-    assert d.d2t.unique().numel() == 64 and int(d.d2t.max()) < v.model.config.vocab_size
+    assert d.d2t.tolist() == token_map  # the shared map, not this data's own top tokens
 
 
 def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):

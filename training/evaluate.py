@@ -2,9 +2,9 @@
 
     python -m training.evaluate --drafters random math chat --domains math chat --n 5 --max-new-tokens 64
 
-`random` is a random-init drafter (the baseline). Prompts come from eval/prompts/<domain>.jsonl when
-it exists, else from held-out slices that training never sees: gsm_symbolic with seed 7 (training
-uses seeds 1000+) and every 10th ShareGPT conversation (training skips them).
+`random` is a random-init drafter (the baseline). Prompts come from the held-out dev sets
+eval/prompts/{gsm_symbolic,mtbench,sharegpt_code}.jsonl for math/chat/code (or eval/prompts/<domain>.jsonl),
+else from held-out slices: gsm_symbolic seed 7 and every 10th ShareGPT conversation.
 Mean acceptance length = emitted tokens / verifier steps over all prompts (bonus token included).
 """
 
@@ -21,7 +21,8 @@ if __package__ in (None, ""):
 
 def heldout_prompts(domain: str, n: int) -> list[list[dict]]:
     root = Path(__file__).resolve().parents[1]
-    f = root / "eval" / "prompts" / f"{domain}.jsonl"
+    files = {"math": "gsm_symbolic", "chat": "mtbench", "code": "sharegpt_code"}  # the held-out dev sets
+    f = root / "eval" / "prompts" / f"{files.get(domain, domain)}.jsonl"
     if f.exists():
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()][:n]
         out = []

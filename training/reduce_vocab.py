@@ -2,6 +2,8 @@
 
     python -m training.reduce_vocab --data runs/data/*_distilled.jsonl --size 8192 \\
         --drafters drafters/math drafters/chat --out-dir drafters-reduced
+    python -m training.reduce_vocab --data runs/data/math_distilled.jsonl runs/data/chat_distilled.jsonl \\
+        --size 8192 --map-out runs/vocab/shared-8192.json     # a map for training (draft_vocab_map)
 
 The map holds the `size` most frequent tokens of the assistant turns of the given conversations
 (what the verifier says, when they are self-distilled) plus every special token the chat template
@@ -53,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", required=True, type=Path, help="conversation jsonl files")
     ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--drafters", nargs="+", required=True, type=Path)
-    ap.add_argument("--out-dir", required=True, type=Path)
+    ap.add_argument("--drafters", nargs="*", default=[], type=Path)
+    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--map-out", type=Path, default=None,
+                    help="also write the token map as JSON (train configs: draft_vocab_map), atomically")
     ap.add_argument("--verifier", default=None)
     args = ap.parse_args(argv)
+    if args.drafters and args.out_dir is None:
+        ap.error("--drafters needs --out-dir")
+    if not args.drafters and args.map_out is None:
+        ap.error("give --drafters/--out-dir or --map-out")
     verifier = load_verifier(args.verifier)
     counts = token_counts(args.data, verifier.tokenizer)
     special = [int(t) for t in verifier.tokenizer.all_special_ids] + verifier.eos_token_ids
@@ -65,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     covered = sum(c for t, c in counts.items() if t in set(ids.tolist()))
     print(f"{len(counts)} distinct tokens in {total} assistant tokens; the top {args.size} cover "
           f"{covered / max(total, 1):.4f} of them")
+    if args.map_out is not None:
+        args.map_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.map_out.with_name(args.map_out.name + ".tmp")
+        tmp.write_text(json.dumps({"size": args.size, "coverage": round(covered / max(total, 1), 4),
+                                   "data": [str(p) for p in args.data], "token_ids": ids.tolist()}))
+        tmp.replace(args.map_out)
+        print(f"wrote {args.map_out}")
     for d in args.drafters:
         drafter = load_drafter(d, verifier)
         small = with_reduced_vocab(drafter, ids)

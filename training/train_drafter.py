@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; 0: epochs decide
     draft_vocab_size: int = 0  # 0: full vocabulary through the verifier's lm_head
+    draft_vocab_map: str = ""  # JSON token map (training.reduce_vocab --map-out); "": top tokens of this data
     draft_head: str = "verifier-rows"  # reduced vocabulary: frozen verifier rows (exact targets) or "own" (trained)
     seed: int = 0  # init, data order and noise
     num_workers: int = 2  # Ray Train workers (ignored with --no-ray)
@@ -108,8 +109,8 @@ class TrainConfig:
                 data[k] = [data[k]]
             data[k] = tuple(rel(p) for p in data.get(k) or ())
         d["data"] = DataConfig(**data)
-        for k in ("checkpoint_dir", "output_dir"):
-            if k in d:
+        for k in ("checkpoint_dir", "output_dir", "draft_vocab_map"):
+            if d.get(k):
                 d[k] = rel(d[k])
         v = d.get("verifier") or "default"
         if v != "default" and not Path(v).is_absolute() and (root / v).exists():
@@ -147,6 +148,17 @@ class TrainConfig:
         for p in self.data.conversations:
             if not Path(p).exists():
                 raise TrainConfigError(f"conversation file {p} does not exist")
+        if self.draft_vocab_map:
+            p = Path(self.draft_vocab_map)
+            if not p.exists():
+                raise TrainConfigError(f"draft_vocab_map {p} does not exist (training.reduce_vocab --map-out)")
+            try:
+                n = len(json.loads(p.read_text())["token_ids"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise TrainConfigError(f"draft_vocab_map {p} is not a token map ({e})") from e
+            if n != self.draft_vocab_size:
+                raise TrainConfigError(f"draft_vocab_map {p} holds {n} tokens but draft_vocab_size is "
+                                       f"{self.draft_vocab_size}")
         if self.draft_head not in ("own", "verifier-rows"):
             raise TrainConfigError(f"draft_head must be 'own' or 'verifier-rows', got {self.draft_head!r}")
         if self.max_len < 8 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -244,7 +256,9 @@ def train_worker(cfg_dict: dict) -> dict:
     verifier = load_verifier(cfg.verifier, dtype=torch.bfloat16, device=device, with_tokenizer=False)
     feats = load_features(cfg.feature_dirs, verifier.identity)
     token_ids = None
-    if cfg.draft_vocab_size:  # the most frequent training tokens (EAGLE-3 style reduced vocabulary)
+    if cfg.draft_vocab_map:  # a shared map: drafters trained on it can be weight-averaged
+        token_ids = torch.tensor(json.loads(Path(cfg.draft_vocab_map).read_text())["token_ids"], dtype=torch.long)
+    elif cfg.draft_vocab_size:  # the most frequent training tokens (EAGLE-3 style reduced vocabulary)
         counts = torch.bincount(torch.cat(feats.input_ids), minlength=verifier.model.config.vocab_size)
         token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
