@@ -1,0 +1,470 @@
+"""Side-by-side speed ablation of TAPS decoding configurations (in-process, batch 1).
+
+Every configuration decodes the same prompts, interleaved (prompt 1 under every configuration,
+then prompt 2, ...; the order rotates per prompt), so that ratios stay meaningful on a shared,
+noisy machine. `none` (plain one-token decoding on the same verifier) is always run: it is the
+speed baseline of every ratio and, at temperature 0, the oracle each configuration's tokens must
+equal (`mismatch`; float32 verifiers must show 0).
+
+Two clocks: wall-clock tokens/s (what a user sees; noisy when other jobs share the cores) and
+tokens per CPU-second of this process (`time.process_time`). With `--threads 1` the CPU clock
+barely moves when other processes compete for the cores, so its ratios are the stable ones on a
+shared machine; on an idle machine with 1 thread the two agree.
+
+A configuration is `STRATEGY[@OPT+OPT...]`:
+
+    merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
+    merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
+    merged@bf16            drafters computed in bfloat16 (never affects the output)
+    merged@par             drafters of one step run in parallel threads
+    merged@t=3/2/6         a fixed tree depth/top-k/total tokens
+    merged@d=math/lookup   these drafters (`lookup`: n-gram prompt lookup, taps.lookup)
+    hf / hf-lookup         Hugging Face `generate` greedy / prompt-lookup decoding (same weights)
+
+Examples (nice: the machine is shared):
+
+    nice -n 10 python benchmarks/speed.py --limit 2 \
+        --configs none,merged,merged@auto,confidence,confidence@auto,hf,hf-lookup
+    nice -n 10 python benchmarks/speed.py --limit 2 --profile --configs merged,merged@auto
+
+`--profile` adds a per-phase timer breakdown (drafting per depth, verifier forward per tree size,
+lm_head, acceptance, KV compaction, remaining Python overhead) of every speculative configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from taps.compose import parse_strategy  # noqa: E402
+from taps.config import SamplingConfig, TreeConfig  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------- profiler
+def _now() -> float:
+    """Process CPU time with one torch thread (robust on a shared machine), else wall time."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+class PhaseTimer:
+    """Wall-clock totals per named phase, collected by wrapping methods (see `instrument`)."""
+
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.count = defaultdict(int)
+        self.enabled = False
+        self._draft_calls = 0  # drafter forwards within the current draft() call
+
+    def add(self, name: str, dt: float) -> None:
+        if self.enabled:
+            self.total[name] += dt
+            self.count[name] += 1
+
+    def reset(self) -> None:
+        self.total.clear()
+        self.count.clear()
+
+
+def instrument(timer: PhaseTimer) -> None:
+    """Wrap the hot methods of the core with timers (process-wide; benchmark use only)."""
+    import taps.compose as compose_mod
+    import taps.engine as engine_mod
+    import taps.verify as verify_mod
+    from taps.drafting import DrafterRunner
+    from taps.models.drafter import EagleDrafter
+    from taps.models.llama import KVCache, Llama
+    from taps.tree import DraftTree
+
+    def wrap(owner, attr, name_fn):
+        orig = getattr(owner, attr)
+
+        def wrapped(*a, **kw):
+            t0 = _now()
+            try:
+                return orig(*a, **kw)
+            finally:
+                timer.add(name_fn(a, kw), _now() - t0)
+
+        wrapped.__wrapped__ = orig
+        setattr(owner, attr, wrapped)
+
+    orig_draft = DrafterRunner.draft
+
+    def draft(self, *a, **kw):
+        timer._draft_calls = 0
+        t0 = _now()
+        try:
+            return orig_draft(self, *a, **kw)
+        finally:
+            timer.add("draft: total (per drafter call)", _now() - t0)
+
+    DrafterRunner.draft = draft
+
+    def drafter_forward_name(a, kw):
+        timer._draft_calls += 1
+        i = timer._draft_calls
+        return "draft: layer, new pairs" if i == 1 else f"draft: layer, depth {i}"
+
+    wrap(EagleDrafter, "forward", drafter_forward_name)
+    wrap(EagleDrafter, "draft_logits", lambda a, kw: "draft: head (8k vocab) logits")
+
+    def llama_forward_name(a, kw):
+        t = a[1].shape[1]
+        return f"verify: forward, {t:2d} tokens" if t <= 64 else "verify: prefill forward"
+
+    wrap(Llama, "forward", llama_forward_name)
+    wrap(Llama, "logits", lambda a, kw: "verify: lm_head")
+    wrap(KVCache, "keep", lambda a, kw: "verify: KV compaction")
+    wrap(DraftTree, "ancestor_mask", lambda a, kw: "verify: tree mask")
+    verify_mod.accept_greedy = _timed(verify_mod.accept_greedy, timer, "verify: accept (greedy)")
+    compose_mod.merge_trees = _timed(compose_mod.merge_trees, timer, "compose: merge/route")
+    engine_mod.compose = _timed(engine_mod.compose, timer, "compose: merge/route")
+
+
+def _timed(fn, timer, name):
+    def wrapped(*a, **kw):
+        t0 = _now()
+        try:
+            return fn(*a, **kw)
+        finally:
+            timer.add(name, _now() - t0)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------- configs
+@dataclass
+class Config:
+    spec: str
+    kind: str  # taps | hf | hf-lookup
+    strategy: str = "none"
+    auto: bool = False
+    bf16: bool = False
+    parallel: bool = False
+    tree: TreeConfig | None = None
+    drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
+    engine: object = None
+    parsed: object = None  # the Strategy
+    policy_summary: list = field(default_factory=list)
+
+
+def parse_config(spec: str) -> Config:
+    if spec in ("hf", "hf-lookup"):
+        return Config(spec, spec)
+    strat, _, opts = spec.partition("@")
+    c = Config(spec, "taps", strategy=strat)
+    for o in filter(None, opts.split("+")):
+        if o == "auto":
+            c.auto = True
+        elif o == "bf16":
+            c.bf16 = True
+        elif o == "par":
+            c.parallel = True
+        elif o.startswith("d="):
+            c.drafters = o[2:].split("/")
+        elif o.startswith("t="):
+            d, k, n = (int(x) for x in o[2:].split("/"))
+            c.tree = TreeConfig(depth=d, top_k=k, total_tokens=n)
+        else:
+            raise SystemExit(f"unknown option {o!r} in {spec!r}")
+    return c
+
+
+def load_rows(path: Path, limit: int) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows.append({"id": r["id"], "dataset": path.stem, "prompt": (r.get("turns") or [r["prompt"]])[0]})
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def build(configs: list[Config], args, verifier):
+    from taps.drafting import DrafterRunner
+    from taps.engine import TapsEngine
+    from taps.runtime import build_drafter, resolve_drafter
+    from taps.verify import VerifierRunner
+
+    vrunner = VerifierRunner(verifier.model, max_len=args.max_len)
+    runner_sets: dict[bool, dict] = {}
+    names = [d.strip() for d in args.drafters.split(",") if d.strip()]
+    default_names = list(names)
+    for c in configs:  # drafters named by configurations are loaded too
+        extra = (c.drafters or []) + ([c.strategy.split(":", 1)[1]] if c.strategy.startswith("single:") else [])
+        names += [n for n in extra if n not in names]
+
+    def runners(bf16: bool) -> dict:
+        if bf16 not in runner_sets:
+            out = {}
+            for i, n in enumerate(names):
+                if n == "lookup":
+                    from taps.lookup import PromptLookupRunner
+
+                    out[n] = PromptLookupRunner(n)
+                    continue
+                d = build_drafter(resolve_drafter(n, None, allow_random=False), verifier, seed=i,
+                                  dtype=torch.bfloat16 if bf16 else None)
+                out[n] = DrafterRunner(d, max_len=args.max_len + 256, name=n)
+            runner_sets[bf16] = out
+        return runner_sets[bf16]
+
+    default_tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
+    memo: dict = {}  # cost measurements shared by the auto policies
+    for c in configs:
+        if c.kind != "taps":
+            continue
+        rs = runners(c.bf16)
+        eng = TapsEngine(vrunner, rs, c.tree or default_tree, verifier.eos_token_ids)
+        if c.parallel:
+            if not hasattr(eng, "parallel_drafters"):
+                raise SystemExit("this engine has no parallel drafting option")
+            eng.parallel_drafters = True
+        strat = parse_strategy(c.strategy, c.drafters or default_names, available=list(rs))
+        c.parsed = strat
+        if c.auto:
+            from taps.adaptive import auto_policy
+
+            t0 = time.perf_counter()
+            eng.policies[strat.name] = auto_policy(verifier.model, [rs[d] for d in strat.drafters], strat,
+                                                   parallel=c.parallel, memo=memo)
+            print(f"[{c.spec}] cost model measured in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        c.engine = eng
+    return vrunner
+
+
+class HFRunner:
+    def __init__(self, verifier, dtype):
+        from transformers import AutoModelForCausalLM
+
+        from taps.models.loading import resolve_verifier
+
+        path = resolve_verifier(None)[1] if verifier.name == "SmolLM2-135M-Instruct" else verifier.name
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        self.eos = list(verifier.eos_token_ids)
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], n: int, lookup: bool) -> tuple[list[int], float]:
+        x = torch.tensor([ids])
+        kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0])
+        if lookup:
+            kw["prompt_lookup_num_tokens"] = 10
+        t0 = time.perf_counter()
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), **kw)
+        return out[0, len(ids):].tolist(), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------- cost model
+def cost_report(args) -> int:
+    from taps.costmodel import measure_drafter, measure_verifier
+    from taps.drafting import DrafterRunner
+    from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = "process CPU time" if args.threads == 1 else "wall clock"
+    sizes = (1, 2, 3, 4, 5, 8, 16, 31, 64)
+    trees = [TreeConfig(1, 1, 2), TreeConfig(2, 1, 3), TreeConfig(3, 2, 5), TreeConfig(4, 3, 8),
+             TreeConfig(5, 4, 16)]
+    out = {}  # taps.costmodel times with the process CPU clock when torch runs one thread
+    for dt in ("float32", "bfloat16"):
+        v = load_default_verifier(None, dt)
+        vt = measure_verifier(v.model, sizes=sizes, repeats=5)
+        name = args.drafters.split(",")[0]
+        dr = {}
+        for ddt in (torch.float32, torch.bfloat16):
+            d = build_drafter(resolve_drafter(name, None, allow_random=False), v, dtype=ddt)
+            r = DrafterRunner(d, max_len=1024, name=name)
+            dr[str(ddt).split(".")[-1]] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5) for t in trees]
+        out[dt] = (vt, dr)
+        print(f"\nverifier {dt} ({clock}, {torch.get_num_threads()} threads, 128-token prefix): ms per forward")
+        print("| tree nodes | " + " | ".join(str(n) for n in sizes) + " |")
+        print("| --- " * (len(sizes) + 1) + "|")
+        print("| ms | " + " | ".join(f"{1000 * x:.1f}" for x in vt.seconds) + " |")
+        print(f"\ndrafting (drafter {name}, verifier {dt}): ms per draft call (1 new pair + growing the tree)")
+        print("| drafter dtype | " + " | ".join(f"d{t.depth}/k{t.top_k}/n{t.total_tokens}" for t in trees) + " |")
+        print("| --- " * (len(trees) + 1) + "|")
+        for k, xs in dr.items():
+            print(f"| {k} | " + " | ".join(f"{1000 * x:.1f}" for x in xs) + " |")
+        print(f"\nacceptance length needed (verifier {dt}): step = draft + verify(N); none = verify(1)")
+        print("| tree (per drafter) | drafters | N verified | step ms (bf16 drafter) | tau for 1.0x | tau for 2.0x |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        base = vt.at(1)
+        for n_dr in (1, 2):
+            for t, dcost in zip(trees, dr["bfloat16"]):
+                n = 1 + (t.total_tokens - 1) * n_dr
+                step = n_dr * dcost + vt.at(n)
+                print(f"| d{t.depth}/k{t.top_k}/n{t.total_tokens} | {n_dr} | {n} | {1000 * step:.1f} | "
+                      f"{step / base:.2f} | {2 * step / base:.2f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({dt: {"verify_sizes": list(sizes), "verify_s": vt.seconds, "draft_trees": [
+            [t.depth, t.top_k, t.total_tokens] for t in trees], "draft_s": dr} for dt, (vt, dr) in out.items()}, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", action="append", default=None,
+                    help="JSONL prompt files (default: eval/prompts/gsm_symbolic.jsonl and mtbench.jsonl)")
+    ap.add_argument("--configs", default="none,merged,merged@auto,confidence,confidence@auto")
+    ap.add_argument("--drafters", default="math,chat")
+    ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="per-phase timer breakdown per configuration")
+    ap.add_argument("--json", default=None, help="write rows (and profiles) to this file")
+    ap.add_argument("--costs", action="store_true",
+                    help="only print the cost model: verifier forward per tree size and drafting per depth, "
+                         "float32 and bfloat16, and the acceptance length each tree needs for 1x and 2x `none`")
+    args = ap.parse_args(argv)
+    if args.costs:
+        return cost_report(args)
+
+    from taps.runtime import load_default_verifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt_files = [Path(p) for p in (args.prompts or [ROOT / "eval/prompts/gsm_symbolic.jsonl",
+                                                       ROOT / "eval/prompts/mtbench.jsonl"])]
+    specs = [s.strip() for s in args.configs.split(",") if s.strip()]
+    if "none" not in specs:
+        specs = ["none"] + specs
+    configs = [parse_config(s) for s in specs]
+    verifier = load_default_verifier(None, args.dtype)
+    build(configs, args, verifier)
+    hf = None
+    if any(c.kind != "taps" for c in configs):
+        hf = HFRunner(verifier, verifier.model.embed_tokens.weight.dtype)
+    timer = PhaseTimer()
+    if args.profile:
+        instrument(timer)
+    sampling = SamplingConfig()
+
+    def run(c: Config, ids: list[int], n: int):
+        """-> (tokens, wall seconds, process CPU seconds, stats or None)"""
+        cpu0 = time.process_time()
+        if c.kind == "taps":
+            r = c.engine.generate(ids, c.parsed, sampling, n)
+            return r.token_ids, r.stats.total_s, time.process_time() - cpu0, r.stats
+        toks, s = hf.generate(ids, n, lookup=c.kind == "hf-lookup")
+        return toks, s, time.process_time() - cpu0, None
+
+    # warm-up (allocator, kernels, policies' first arms are not what we measure)
+    warm = verifier.encode_chat([{"role": "user", "content": "Say hello."}])
+    for c in configs:
+        run(c, warm, 8)
+
+    acc = defaultdict(lambda: {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "steps": 0, "step_tokens": 0, "mismatch": 0,
+                               "prompts": 0, "tree_nodes": 0})
+    profiles = defaultdict(lambda: defaultdict(float))
+    counts = defaultdict(lambda: defaultdict(int))
+    datasets = []
+    k = 0
+    for path in prompt_files:
+        rows = load_rows(path, args.limit)
+        datasets.append(path.stem)
+        for row in rows:
+            ids = verifier.encode_chat([{"role": "user", "content": row["prompt"]}])
+            order = configs[k % len(configs):] + configs[:k % len(configs)]
+            k += 1
+            outs = {}
+            for c in order:
+                timer.reset()
+                timer.enabled = args.profile and c.kind == "taps"
+                toks, secs, cpu, stats = run(c, ids, args.max_new_tokens)
+                timer.enabled = False
+                outs[c.spec] = toks
+                a = acc[(path.stem, c.spec)]
+                a["tokens"] += len(toks)
+                a["seconds"] += secs
+                a["cpu"] += cpu
+                a["prompts"] += 1
+                if stats is not None:
+                    a["steps"] += stats.steps
+                    a["step_tokens"] += stats.step_tokens
+                    a["tree_nodes"] += stats.draft_tokens_verified + stats.steps
+                    if args.profile:
+                        p = profiles[c.spec]
+                        p["_total"] += cpu if torch.get_num_threads() == 1 else secs
+                        p["_steps"] += stats.steps
+                        p["_tokens"] += len(toks)
+                        for name, v in timer.total.items():
+                            p[name] += v
+                            counts[c.spec][name] += timer.count[name]
+                print(f"  {row['id']:22s} {c.spec:22s} {len(toks):4d} tok {secs:6.2f}s "
+                      f"{len(toks) / max(secs, 1e-9):6.1f} tok/s  cpu {cpu:6.2f}s", file=sys.stderr, flush=True)
+            ref = outs["none"]
+            for c in configs:
+                if outs[c.spec] != ref:
+                    acc[(path.stem, c.spec)]["mismatch"] += 1
+
+    rows_out = []
+    for ds in datasets:
+        base = acc[(ds, "none")]
+        base_tps = base["tokens"] / base["seconds"]
+        base_cps = base["tokens"] / base["cpu"]
+        for c in configs:
+            a = acc[(ds, c.spec)]
+            tps = a["tokens"] / a["seconds"]
+            cps = a["tokens"] / a["cpu"]
+            rows_out.append({"dataset": ds, "config": c.spec, "prompts": a["prompts"], "tokens": a["tokens"],
+                             "tok_s": round(tps, 2), "vs_none": round(tps / base_tps, 3),
+                             "tok_per_cpu_s": round(cps, 2), "cpu_vs_none": round(cps / base_cps, 3),
+                             "tau": round(a["step_tokens"] / a["steps"], 3) if a["steps"] else None,
+                             "nodes_per_step": round(a["tree_nodes"] / a["steps"], 1) if a["steps"] else None,
+                             "mismatch": a["mismatch"]})
+    print(f"\nverifier {verifier.name} {args.dtype}, threads {torch.get_num_threads()}, "
+          f"{args.limit} prompts/set, {args.max_new_tokens} new tokens, T=0\n")
+    print("| dataset | config | tok/s (wall) | x none (wall) | tok per CPU-s | x none (CPU) | tau | nodes/step "
+          "| mismatches |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows_out:
+        print(f"| {r['dataset']} | {r['config']} | {r['tok_s']:.1f} | {r['vs_none']:.2f} | "
+              f"{r['tok_per_cpu_s']:.1f} | {r['cpu_vs_none']:.2f} | "
+              f"{r['tau'] if r['tau'] is not None else '-'} | {r['nodes_per_step'] or '-'} | {r['mismatch']} |")
+    for c in configs:
+        if c.kind == "taps" and c.engine.policies:
+            for name, pol in c.engine.policies.items():
+                print(f"\n[{c.spec}] adaptive tree arms ({name}):")
+                for arm in pol.summary():
+                    print("   ", arm)
+    if args.profile:
+        print("\nPer-step time breakdown (ms per step, mean over all steps of all prompts):")
+        for spec, p in profiles.items():
+            steps = max(p["_steps"], 1)
+            print(f"\n[{spec}] {p['_tokens'] / p['_total']:.1f} tok/s, {1000 * p['_total'] / steps:.1f} ms/step, "
+                  f"{p['_tokens'] / steps:.2f} tokens/step")
+            names = sorted(k for k in p if not k.startswith("_"))
+            for name in names:
+                print(f"    {name:38s} {1000 * p[name] / steps:7.2f} ms/step  "
+                      f"({counts[spec][name] / steps:.2f} calls/step, {1000 * p[name] / counts[spec][name]:.2f} ms/call)")
+            inner = sum(p[n] for n in names if n.startswith(("verify: forward", "verify: lm_head", "verify: accept",
+                                                            "verify: KV", "verify: tree", "compose", "draft: total",
+                                                            "verify: prefill")))
+            print(f"    {'python/other (total - listed above)':38s} {1000 * (p['_total'] - inner) / steps:7.2f} ms/step")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows_out, "profiles": {k: dict(v) for k, v in profiles.items()},
+                                               "args": vars(args)}, indent=1))
+    bad = sum(r["mismatch"] for r in rows_out if not r["config"].startswith("hf")) if args.dtype == "float32" else 0
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
