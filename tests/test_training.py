@@ -320,6 +320,18 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     torch.testing.assert_close(d.lm_head.weight.float(), v.model.lm_head.weight[d.d2t].float())
     assert d.d2t.tolist() == token_map  # the shared map, not this data's own top tokens
 
+    # HASS fine-tuning of that drafter (init_from); a missing init_from is refused before any work
+    cfg.update(objective="hass", objective_overrides={"steps": 2}, init_from="runs/tiny/nope",
+               checkpoint_dir="runs/tiny/ckpt_hass", output_dir="runs/tiny/reduced_hass", max_steps=1)
+    (root / "hass.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(root, config=root / "hass.yaml", check=False)
+    assert r.returncode == 2 and "is not a drafter directory" in r.stderr
+    cfg["init_from"] = "runs/tiny/reduced"
+    (root / "hass.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(root, config=root / "hass.yaml")
+    assert "initialised from" in r.stderr
+    assert json.loads((root / "runs/tiny/reduced_hass/drafter.json").read_text())["objective"] == "hass"
+
 
 def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
     root_a, _ = trained_tiny

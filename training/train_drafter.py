@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; 0: epochs decide
     draft_vocab_size: int = 0  # 0: full vocabulary through the verifier's lm_head
+    init_from: str = ""  # start from this drafter's weights (e.g. HASS fine-tuning of an EAGLE-2 drafter)
     draft_vocab_map: str = ""  # JSON token map (training.reduce_vocab --map-out); "": top tokens of this data
     draft_head: str = "verifier-rows"  # reduced vocabulary: frozen verifier rows (exact targets) or "own" (trained)
     seed: int = 0  # init, data order and noise
@@ -109,7 +110,7 @@ class TrainConfig:
                 data[k] = [data[k]]
             data[k] = tuple(rel(p) for p in data.get(k) or ())
         d["data"] = DataConfig(**data)
-        for k in ("checkpoint_dir", "output_dir", "draft_vocab_map"):
+        for k in ("checkpoint_dir", "output_dir", "draft_vocab_map", "init_from"):
             if d.get(k):
                 d[k] = rel(d[k])
         v = d.get("verifier") or "default"
@@ -159,6 +160,8 @@ class TrainConfig:
             if n != self.draft_vocab_size:
                 raise TrainConfigError(f"draft_vocab_map {p} holds {n} tokens but draft_vocab_size is "
                                        f"{self.draft_vocab_size}")
+        if self.init_from and not (Path(self.init_from) / "drafter.json").exists():
+            raise TrainConfigError(f"init_from {self.init_from} is not a drafter directory (no drafter.json)")
         if self.draft_head not in ("own", "verifier-rows"):
             raise TrainConfigError(f"draft_head must be 'own' or 'verifier-rows', got {self.draft_head!r}")
         if self.max_len < 8 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -234,7 +237,7 @@ def train_worker(cfg_dict: dict) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from taps.models.drafter import new_drafter, save_drafter
+    from taps.models.drafter import load_drafter, new_drafter, save_drafter
     from taps.models.loading import load_verifier
     from training.features import load_features
     from training.objectives import ObjectiveConfig, objective_loss
@@ -263,6 +266,18 @@ def train_worker(cfg_dict: dict) -> dict:
         token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
                           seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head)
+    if cfg.init_from:  # same shape and token map required (load_drafter checks the verifier)
+        src = load_drafter(cfg.init_from, verifier)
+        if (src.config.draft_vocab_size != cfg.draft_vocab_size or
+                (src.d2t is not None and not torch.equal(src.d2t.cpu(), drafter.d2t.cpu()))):
+            raise TrainConfigError(f"init_from {cfg.init_from} has another draft vocabulary than this config")
+        state = {k: v for k, v in src.state_dict().items() if not (k == "lm_head.weight" and cfg.draft_head ==
+                                                                     "verifier-rows")}
+        res = drafter.load_state_dict(state, strict=False)
+        missing = [k for k in res.missing_keys if k != "lm_head.weight"]
+        if missing or res.unexpected_keys:
+            raise TrainConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {res.unexpected_keys}")
+        log.info("initialised from %s", cfg.init_from)
     drafter = drafter.to(torch.float32).train()
     if cfg.draft_vocab_size and cfg.draft_head == "verifier-rows":
         drafter.lm_head.requires_grad_(False)  # .to() keeps the flag; stated for clarity
