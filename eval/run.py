@@ -200,6 +200,12 @@ def main(args) -> int:
     ddt = parse_dtype(args.drafter_dtype) if getattr(args, "drafter_dtype", None) else None
     engine, info = build_engine(verifier, needed, tree, args.drafter_dir, drafter_dtype=ddt)
     drafter_names = [e.split("=", 1)[0] for e in entries]
+    if getattr(args, "tree", "fixed") == "auto":  # per-strategy tree sizes from a start-up cost model
+        from taps.adaptive import attach_auto_policies
+        from taps.compose import parse_strategy
+
+        attach_auto_policies(engine, verifier.model, [parse_strategy(s, drafter_names, available=list(engine.drafters))
+                                                      for s in strategies])
     rows = run_eval(engine, verifier, prompt_sets, strategies, drafter_names, temperatures, args.max_new_tokens,
                     seed=args.seed)
     env = {"verifier": verifier.name, "dtype": args.dtype, "device": "cpu", "torch": torch.__version__,

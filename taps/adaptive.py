@@ -5,6 +5,12 @@ tree size; see taps.costmodel) and a running estimate of tokens emitted per
 step. The policy picks argmax tokens_per_step / cost, exploring each candidate
 a few times first and then with an optimistic bonus that shrinks as it is
 observed (UCB1). Lossless either way: the tree shape never affects the output.
+
+`auto_policy` builds a policy for one strategy from a cost model measured at start-up
+(`--tree auto`). Its arms include SKIP (`None`: draft nothing this step, verify the root
+alone), so a strategy whose drafts do not pay for their cost on this machine falls back to
+plain decoding instead of running slower than it. A merged strategy gets one node budget per
+step split across its drafters (each drafts (budget - 1) / n nodes), not n full trees.
 """
 
 from __future__ import annotations
@@ -23,9 +29,25 @@ DEFAULT_CANDIDATES = (
 )
 
 
+SKIP = None  # arm: no drafting this step (the verifier runs the root alone)
+
+
+def split_tree(budget: TreeConfig, n_drafters: int) -> TreeConfig:
+    """Per-drafter tree for a merged step whose verified tree may hold `budget.total_tokens` nodes."""
+    per = max(1, (budget.total_tokens - 1) // max(1, n_drafters))
+    return TreeConfig(depth=min(budget.depth, per), top_k=min(budget.top_k, per), total_tokens=per + 1)
+
+
+def verified_size(cfg: TreeConfig | None, n_drafters: int, merged: bool) -> int:
+    """Nodes the verifier runs per step: root + every drafter's nodes when merged."""
+    if cfg is None:
+        return 1
+    return 1 + (cfg.total_tokens - 1) * (n_drafters if merged else 1)
+
+
 @dataclass
 class _Arm:
-    config: TreeConfig
+    config: TreeConfig | None  # None: SKIP
     cost_s: float  # seconds per step (draft + verify) with this tree
     steps: int = 0
     tokens: float = 0.0  # tokens emitted per step, summed
@@ -47,9 +69,10 @@ class TreePolicy:
 
     @property
     def max_tree(self) -> TreeConfig:
-        return max((a.config for a in self.arms), key=lambda c: c.total_tokens)
+        trees = [a.config for a in self.arms if a.config is not None]
+        return max(trees, key=lambda c: c.total_tokens) if trees else TreeConfig(depth=1, top_k=1, total_tokens=2)
 
-    def choose(self) -> TreeConfig:
+    def choose(self) -> TreeConfig | None:
         with self._lock:
             for a in self.arms:
                 if a.steps < self.warmup:
@@ -75,8 +98,8 @@ class TreePolicy:
         return max(self.arms, key=lambda a: a.mean_tokens() / a.cost_s).config
 
     def summary(self) -> list[dict]:
-        return [{"depth": a.config.depth, "top_k": a.config.top_k, "total_tokens": a.config.total_tokens,
-                 "cost_ms": round(a.cost_s * 1000, 2), "steps": a.steps,
+        return [{"depth": a.config.depth if a.config else 0, "top_k": a.config.top_k if a.config else 0,
+                 "total_tokens": a.config.total_tokens if a.config else 1, "cost_ms": round(a.cost_s * 1000, 2), "steps": a.steps,
                  "tokens_per_step": round(a.mean_tokens(), 3),
                  "tokens_per_s": round(a.mean_tokens() / a.cost_s, 1)} for a in self.arms]
 
@@ -98,3 +121,83 @@ def measure_policy(verifier_model, drafter_runners: list, hidden_size: int, n_dr
         n = c.total_tokens * (n_drafters_per_step if merged else 1)
         costs[c] = draft + table.at(n)
     return TreePolicy(costs)
+
+
+# Candidate trees for `--tree auto` (per drafter; merged: split_tree of a merged budget).
+AUTO_CANDIDATES = (
+    TreeConfig(depth=1, top_k=1, total_tokens=2),
+    TreeConfig(depth=2, top_k=1, total_tokens=3),
+    TreeConfig(depth=3, top_k=2, total_tokens=5),
+    TreeConfig(depth=4, top_k=3, total_tokens=8),
+    TreeConfig(depth=5, top_k=4, total_tokens=16),
+)
+AUTO_MERGED_BUDGETS = (  # verified nodes per step, shared by all drafters of a merged step
+    TreeConfig(depth=1, top_k=1, total_tokens=3),
+    TreeConfig(depth=2, top_k=1, total_tokens=5),
+    TreeConfig(depth=3, top_k=2, total_tokens=9),
+    TreeConfig(depth=4, top_k=3, total_tokens=17),
+)
+
+
+def auto_candidates(strategy) -> list[TreeConfig | None]:
+    """Arms for a strategy: SKIP plus per-drafter trees (merged: budgets split across drafters)."""
+    if strategy.kind == "none" or not strategy.drafters:
+        return [SKIP]
+    if strategy.kind == "merged" and len(strategy.drafters) > 1:
+        cands = list(dict.fromkeys(split_tree(b, len(strategy.drafters)) for b in AUTO_MERGED_BUDGETS))
+    else:
+        cands = list(AUTO_CANDIDATES)
+    return [SKIP] + cands
+
+
+def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None, repeats: int = 3,
+                parallel: bool = False, memo: dict | None = None, **policy_kw) -> TreePolicy:
+    """Measure each arm's step cost for `strategy` on this machine and build its TreePolicy.
+
+    Cost of an arm = drafting (every drafter of the strategy drafts each step: summed, or the
+    slowest one with `parallel`) + one verifier forward over the verified tree (merged: the
+    root plus all drafters' nodes). SKIP costs a one-token forward. `memo` (any dict) shares
+    measurements between the policies of one engine.
+    """
+    from taps.costmodel import measure_drafter, measure_verifier
+
+    memo = {} if memo is None else memo
+    cands = list(candidates) if candidates is not None else auto_candidates(strategy)
+    n, merged = len(drafter_runners), strategy.kind == "merged"
+    sizes = sorted({verified_size(c, n, merged) for c in cands} | {1})
+    missing = [s for s in sizes if ("verify", id(verifier_model), s) not in memo]
+    if missing:
+        table = measure_verifier(verifier_model, sizes=missing, repeats=repeats)
+        for s, sec in zip(table.sizes, table.seconds):
+            memo[("verify", id(verifier_model), s)] = sec
+
+    def verify_s(size: int) -> float:
+        return memo[("verify", id(verifier_model), size)]
+
+    def draft_s(runner, c: TreeConfig) -> float:
+        key = ("draft", id(runner), c)
+        if key not in memo:
+            memo[key] = measure_drafter(runner, verifier_model.config.hidden_size, c, repeats=repeats)
+        return memo[key]
+
+    costs: dict = {}
+    for c in cands:
+        if c is None:
+            costs[c] = verify_s(1)
+            continue
+        drafts = [draft_s(r, c) for r in drafter_runners]
+        costs[c] = (max(drafts) if parallel else sum(drafts)) + verify_s(verified_size(c, n, merged))
+    return TreePolicy(costs, **policy_kw)
+
+
+def attach_auto_policies(engine, verifier_model, strategies, repeats: int = 3) -> dict:
+    """Give every speculative strategy of `engine` an auto-sized tree policy; returns them by name."""
+    out, memo = {}, {}
+    for s in strategies:
+        if s.kind == "none" or s.name in engine.policies:
+            continue
+        runners = [engine.drafters[d] for d in s.drafters]
+        engine.policies[s.name] = out[s.name] = auto_policy(
+            verifier_model, runners, s, repeats=repeats, memo=memo,
+            parallel=bool(getattr(engine, "parallel_drafters", False)))
+    return out

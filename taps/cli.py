@@ -26,6 +26,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
 
 
+def _add_tree_mode_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tree", default="fixed", choices=["fixed", "auto"],
+                   help="fixed: the --tree-* sizes every step; auto: per strategy, the tree size (or no draft) "
+                        "that maximises measured tokens/s, from a cost model timed at start-up (taps.adaptive)")
+
+
 def _tree(args) -> TreeConfig:
     return TreeConfig(depth=args.tree_depth, top_k=args.tree_top_k, total_tokens=args.tree_tokens)
 
@@ -59,6 +65,10 @@ def cmd_generate(args) -> int:
     needed = [entries.get(name, name) for name in strategy.drafters]
     ddt = parse_dtype(args.drafter_dtype) if args.drafter_dtype else None
     engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len, drafter_dtype=ddt)
+    if getattr(args, "tree", "fixed") == "auto":
+        from taps.adaptive import attach_auto_policies
+
+        attach_auto_policies(engine, verifier.model, [strategy])
     if args.raw:
         prompt_ids = verifier.tokenizer.encode(args.prompt)
     else:
@@ -113,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stats"} as JSON')
+    _add_tree_mode_arg(g)
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -145,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="prompts per file")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
+    _add_tree_mode_arg(e)
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
     return ap

@@ -2,6 +2,9 @@
 
 `measure_verifier` times one verifier forward over a tree of N tokens on top of
 a prefix already in the KV cache: the cost a decoding step pays.
+
+Clock: wall time, except with one torch thread, where the process's CPU time is used: the
+two agree on an idle machine, and CPU time stays meaningful when other jobs share the cores.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from taps.drafting import DrafterRunner
 from taps.models.llama import Llama
 from taps.tree import DraftTree
 from taps.verify import VerifierRunner
+
+
+def _clock() -> float:
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
 def chain_tree(size: int, token: int = 1) -> DraftTree:
@@ -44,16 +51,17 @@ class CostTable:
 @torch.inference_mode()
 def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, repeats: int = 5) -> CostTable:
     runner = VerifierRunner(model, max_len=prefix + max(sizes) + 8)
-    runner.prefill("cost", list(range(3, 3 + prefix)), SamplingConfig())
+    vocab = model.config.vocab_size
+    runner.prefill("cost", [3 + i % (vocab - 3) for i in range(prefix)], SamplingConfig())
     cache = runner._caches["cost"]
     out = []
     for n in sizes:
         tree = chain_tree(n)
         times = []
         for _ in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0 = _clock()
             runner.score_tree("cost", tree)
-            times.append(time.perf_counter() - t0)
+            times.append(_clock() - t0)
             cache.length = prefix
         out.append(sorted(times[1:])[len(times[1:]) // 2])
     runner.release("cost")
@@ -64,13 +72,16 @@ def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, 
 def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, prefix: int = 128,
                     repeats: int = 5) -> float:
     """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix."""
-    device = runner.drafter.fc.weight.device
-    dtype = runner.drafter.fc.weight.dtype
-    runner.draft("cost", torch.arange(3, 3 + prefix), torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
+    drafter = getattr(runner, "drafter", None)  # None: a weightless drafter (prompt lookup)
+    device = drafter.fc.weight.device if drafter is not None else torch.device("cpu")
+    dtype = drafter.fc.weight.dtype if drafter is not None else torch.float32
+    vocab = drafter.config.llama.vocab_size if drafter is not None else 32000
+    runner.draft("cost", 3 + torch.arange(prefix) % (vocab - 3),
+                 torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
     times = []
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        runner.draft("cost", torch.tensor([5 + i]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
-        times.append(time.perf_counter() - t0)
+        t0 = _clock()
+        runner.draft("cost", torch.tensor([(5 + i) % vocab]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
+        times.append(_clock() - t0)
     runner.release("cost")
     return sorted(times[1:])[len(times[1:]) // 2]

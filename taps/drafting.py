@@ -9,6 +9,10 @@ the new pairs (see docs/architecture.md), then grows a tree:
            proposes top_k children -> top_k * top_k candidates
   rerank:  keep the total_tokens - 1 candidates with the best cumulative
            log-prob (ancestor-closed, since scores never grow along a path)
+
+A call with `tree=None` drafts nothing (a SKIP step of an adaptive tree policy, see
+taps.adaptive): it returns the root alone and, for in-process callers, only queues the
+pairs; the next drafting call feeds them together with its own.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class _RequestState:
     cache: KVCache
     committed: int = 0  # pairs in the cache that belong to the verified prefix
     last_used: float = 0.0
+    queued: list | None = None  # (tokens, hidden) of SKIP calls, not yet in the cache
 
 
 class DrafterRunner:
@@ -81,7 +86,7 @@ class DrafterRunner:
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
-    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
+    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig | None,
               start: int | None = None) -> DraftTree:
         """Consume new pairs (hidden[j] = f_i, tokens[j] = x_{i+1}) and draft a tree rooted at tokens[-1].
 
@@ -99,9 +104,10 @@ class DrafterRunner:
                              f"{self.drafter.config.llama.hidden_size}")
         device = self.drafter.fc.weight.device
         tokens, hidden = tokens.to(device), hidden.to(device)
-        tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k
+        tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k if tree is not None else 0
         st = self._state(request_id)
         if start is not None:
+            st.queued = None  # a caller that numbers its pairs resends whatever we did not feed
             if start > st.committed:
                 self.release(request_id)
                 raise RequestStateLost(f"drafter {self.name} has {st.committed} pairs of request "
@@ -109,11 +115,22 @@ class DrafterRunner:
             st.committed = start
         if st.committed + m + tree_slots > self.max_len:
             raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
+        if tree is None and start is None:  # SKIP: queue the pairs, draft nothing
+            st.queued = (st.queued or []) + [(tokens, hidden)]
+            return DraftTree.root_only(int(tokens[-1]), self.name)
+        if st.queued:
+            tokens = torch.cat([t for t, _ in st.queued] + [tokens])
+            hidden = torch.cat([h for _, h in st.queued] + [hidden])
+            st.queued, m = None, tokens.shape[0]
+            if st.committed + m + tree_slots > self.max_len:
+                raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
         cache = st.cache
         cache.length = st.committed  # drop the previous step's tree
         pos = torch.arange(st.committed, st.committed + m, device=device)[None]
         out = self.drafter(tokens[None], hidden[None], pos, cache, build_mask(causal_mask(m, device), st.committed))
         st.committed += m
+        if tree is None:
+            return DraftTree.root_only(int(tokens[-1]), self.name)
         return self._grow(tokens[-1], out[0, -1], st, tree)
 
     def _grow(self, root: torch.Tensor, root_feature: torch.Tensor, st: _RequestState, cfg: TreeConfig) -> DraftTree:
