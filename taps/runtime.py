@@ -11,6 +11,8 @@ import torch
 from taps.config import ConfigError, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
+from taps.lookup import NAME as LOOKUP
+from taps.lookup import PromptLookupRunner
 from taps.models.drafter import EagleDrafter, load_drafter, new_drafter
 from taps.models.loading import Verifier, load_verifier
 from taps.verify import VerifierRunner
@@ -75,6 +77,10 @@ def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig,
     """Engine + a description of every drafter (objective, trained, checkpoint)."""
     runners, info = {}, {}
     for i, name in enumerate(drafter_names):
+        if name == LOOKUP:  # n-gram prompt lookup: no checkpoint, no weights (taps.lookup)
+            runners[name] = PromptLookupRunner(name)
+            info[name] = {**runners[name].describe(), "checkpoint": None}
+            continue
         spec = resolve_drafter(name, drafter_dir, allow_random)
         drafter = build_drafter(spec, verifier, seed=i, dtype=drafter_dtype)
         runners[spec.name] = DrafterRunner(drafter, max_len=max_len + 256, name=spec.name)
