@@ -16,7 +16,7 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
     merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
     merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
     merged@bf16            drafters computed in bfloat16 (never affects the output)
-    merged@par             drafters of one step run in parallel threads
+    merged@par             drafters of one step run in parallel threads (engines with `parallel_drafters`)
     merged@t=3/2/6         a fixed tree depth/top-k/total tokens
     merged@d=math/lookup   these drafters (`lookup`: n-gram prompt lookup, taps.lookup)
     hf / hf-lookup         Hugging Face `generate` greedy / prompt-lookup decoding (same weights)
@@ -282,10 +282,11 @@ def cost_report(args) -> int:
     for dt in ("float32", "bfloat16"):
         v = load_default_verifier(None, dt)
         vt = measure_verifier(v.model, sizes=sizes, repeats=5)
-        name = args.drafters.split(",")[0]
+        entry = args.drafters.split(",")[0]
+        name = entry.split("=", 1)[0]
         dr = {}
         for ddt in (torch.float32, torch.bfloat16):
-            d = build_drafter(resolve_drafter(name, None, allow_random=False), v, dtype=ddt)
+            d = build_drafter(resolve_drafter(entry, None, allow_random=False), v, dtype=ddt)
             r = DrafterRunner(d, max_len=1024, name=name)
             dr[str(ddt).split(".")[-1]] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5) for t in trees]
         out[dt] = (vt, dr)
