@@ -63,11 +63,11 @@ def average_checkpoints(inputs: list[str | Path], weights: list[float], out: str
             raise DrafterMismatchError(f"{p} has a different drafter shape than {inputs[0]}")
     states = [load_file(str(p / "model.safetensors")) for p in inputs]
     state = average_state_dicts(states, [float(w) for w in weights])
+    sources = [{"path": str(p), "name": c.name, "domain": c.domain, "objective": c.objective, "weight": float(w)}
+               for p, c, w in zip(inputs, cfgs, weights)]  # before cfgs[0] is renamed below
     cfg = cfgs[0]
     cfg.name, cfg.domain, cfg.objective = name, domain, "averaged"
-    cfg.training = {"averaged_from": [{"path": str(p), "name": c.name, "domain": c.domain,
-                                       "objective": c.objective, "weight": float(w)}
-                                      for p, c, w in zip(inputs, cfgs, weights)]}
+    cfg.training = {"averaged_from": sources}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
