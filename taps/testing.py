@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from taps.models.llama import Llama, LlamaConfig
+from taps.models.llama import Llama, LlamaConfig, causal_mask
 
 
 def tiny_config(vocab_size: int = 49152, hidden: int = 64, layers: int = 2) -> LlamaConfig:
@@ -81,3 +81,19 @@ def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5):
         for p in d.parameters():
             p.normal_(0, std)
     return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)
+
+
+def greedy_reference(model: Llama, prompt: list[int], n: int, eos=()) -> list[int]:
+    """Plain greedy decoding, recomputing the whole sequence each token (no cache, no trees): the
+    oracle every lossless test compares against. Stops after an `eos` token (included)."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = len(seq)
+            h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
+            nxt = int(model.logits(h[0, -1]).argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt in eos:
+                break
+    return out

@@ -6,20 +6,7 @@ import pytest
 import torch
 
 from taps.batchgen import batch_generate
-from taps.models.llama import build_mask, causal_mask
-from taps.testing import random_llama, tiny_config
-
-
-def greedy_reference(model, prompt: list[int], n: int, eos: set[int]) -> list[int]:
-    ids, out = list(prompt), []
-    for _ in range(n):
-        h = model(torch.tensor([ids]), torch.arange(len(ids))[None], None, build_mask(causal_mask(len(ids)), 0))
-        t = int(model.logits(h[0, -1]).argmax())
-        out.append(t)
-        ids.append(t)
-        if t in eos:
-            break
-    return out
+from taps.testing import greedy_reference, random_llama, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.models.drafter import DrafterMismatchError
-from taps.models.llama import build_mask, causal_mask
-from taps.testing import random_drafter, random_llama, tiny_config
+from taps.models.llama import causal_mask
+from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
 from taps.verify import ContextOverflowError, VerifierRunner, accept_sampling
 
@@ -23,22 +23,6 @@ STRATEGIES = ["none", "single:a", "single:b", "confidence", "entropy", "merged"]
 
 
 make_drafter = random_drafter
-
-
-def greedy_reference(model, prompt, n, eos=()):
-    """Plain greedy decoding, recomputing the whole sequence each token (no cache, no trees)."""
-    seq = list(prompt)
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            t = len(seq)
-            h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
-            nxt = int(model.logits(h[0, -1]).argmax())
-            out.append(nxt)
-            seq.append(nxt)
-            if nxt in eos:
-                break
-    return out
 
 
 class OracleRunner:

@@ -12,8 +12,7 @@ from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
-from taps.models.llama import causal_mask
-from taps.testing import random_drafter, random_llama, tiny_config
+from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
 
 PROMPT = [5, 17, 3, 42, 8, 8, 19]
@@ -22,18 +21,6 @@ PROMPT = [5, 17, 3, 42, 8, 8, 19]
 @pytest.fixture(scope="module")
 def tiny():
     return random_llama(tiny_config(vocab_size=97, hidden=32, layers=2), seed=1, dtype=torch.float64, scale=30.0)
-
-
-def greedy_reference(model, prompt, n):
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = len(seq)
-            h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
-            nxt = int(model.logits(h[0, -1]).argmax())
-            out.append(nxt)
-            seq.append(nxt)
-    return out
 
 
 def runners(tiny):
