@@ -65,7 +65,7 @@ def evaluate(drafters: list[str], domains: list[str], n: int = 5, max_new_tokens
     v = load_default_verifier(verifier, dtype=dtype)
     engine, info = build_engine(v, drafters, TreeConfig())
     results: dict = {"tree": vars(TreeConfig()) if hasattr(TreeConfig(), "__dict__") else {}, "drafters": info,
-                     "acceptance_length": {}}
+                     "acceptance_length": {}, "n": n, "max_new_tokens": max_new_tokens}
     for dom in domains:
         prompts = heldout_prompts(dom, n)
         for name in (d.split("=", 1)[0] for d in drafters):  # NAME or NAME=PATH
@@ -105,9 +105,10 @@ if __name__ == "__main__":
     sys.exit(cli())
 
 
-_SETUP = "bash scripts/train_drafters.sh {cfg}   # data, self-distillation, token map, then:"
-_JOB = ("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-        "python training/train_drafter.py --config training/configs/{cfg}.yaml --root $PWD")
+_SETUP = ("bash scripts/train_drafters.sh {cfg}   # all of it: data, self-distillation, token map, training "
+          "(one process; TRAIN_LOCAL=0 submits Ray jobs instead)")
+_JOB = ("# the training step alone, as a Ray job: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 "
+        "--working-dir . -- python training/train_drafter.py --config training/configs/{cfg}.yaml --root $PWD")
 COMMANDS = {
     **{name: [_SETUP.format(cfg=cfg), _JOB.format(cfg=cfg)] for name, cfg in (
         ("math", "math_eagle2"), ("chat", "chat_eagle2"), ("mixed", "mixed_eagle2"), ("math_hass", "math_hass"),
@@ -151,8 +152,10 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
                   f"- final loss {tr.get('final_loss')}, top-1 agreement with the verifier on training positions "
                   f"{tr.get('final_acc')}"]
     if results:
-        lines += ["", "Acceptance length (single:NAME, temperature 0, 64 new tokens, default tree depth 5 / top-k 4 / "
-                  "16 nodes, 5 held-out prompts per domain; random-init drafter for comparison):", "",
+        lines += ["", f"Acceptance length (`python -m training.evaluate`, single:NAME, temperature 0, "
+                  f"{results.get('max_new_tokens', 64)} new tokens, default tree depth 5 / top-k 4 / 16 nodes, "
+                  f"{results.get('n', '?')} held-out prompts per domain: math = gsm_symbolic, chat = MT-Bench first "
+                  "turn, code = sharegpt_code):", "",
                   "| prompts | " + name + " | random-init |", "| --- | --- | --- |"]
         for dom, row in results["acceptance_length"].items():
             if name in row:
@@ -167,7 +170,16 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
             sp = r.get("speedup_vs_none")
             lines.append(f"| {r['dataset']} | {r['temperature']} | {r['n_prompts']} | {r['acceptance_length']:.2f} | "
                          f"{'-' if sp is None else f'{sp:.2f}x'} |")
-    lines += ["", "Reproduce:", "", "```"] + COMMANDS.get(name, []) + ["```", ""]
+    notes = {"math": "EAGLE-2 runs two 420 s sessions (the second resumes); steps and wall time above are the totals "
+                     "after the second, wall time that of the second.",
+             "chat": "EAGLE-2 runs two 420 s sessions (the second resumes); wall time above is the second's.",
+             "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
+                          "the math_eagle2 run of the script) for 420 s with the HASS objective.",
+             "chat_hass": "Fine-tunes the drafter of chat's first 420 s session (runs/drafters/chat_420) for 420 s "
+                          "with the HASS objective."}
+    lines += ["", "Reproduce:" + (f" {notes[name]}" if name in notes else ""), "", "```"] + COMMANDS.get(name, []) + \
+        ["```", ""]
+    root = str(Path(__file__).resolve().parents[1]) + "/"
     out = directory / "README.md"
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines).replace(root, ""))
     return out
