@@ -22,6 +22,7 @@ from cluster.metrics import Metrics
 from cluster.openai_api import (ChatRequest, CompletionRequest, DrafterAdd, IncrementalDetokenizer, chunk,
                                 completion_body, error)
 from cluster.router import ClientPool, VerifierUnavailable, _DrafterLink, decode, pick_replica
+from taps.adaptive import TreePolicy, online_policy
 from taps.compose import parse_strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 
@@ -70,7 +71,8 @@ class TapsRouter:
         from taps.models.loading import resolve_verifier
 
         self.cfg = AppConfig.model_validate(config).resolved()
-        self.tree = TreeConfig(**self.cfg.tree.model_dump())
+        self.tree = TreeConfig(**self.cfg.tree.model_dump(exclude={"mode"}))
+        self.policies: dict[tuple, TreePolicy] = {}  # tree.mode auto: (kind, drafters) -> policy
         self._DrafterActor, self._drafter_opts = ray.remote(DrafterActor), drafter_actor_options
         self.verifier_name, vdir = resolve_verifier(self.cfg.verifier)
         self.tokenizer = AutoTokenizer.from_pretrained(str(vdir))
@@ -250,7 +252,8 @@ class TapsRouter:
         if spec != "none" and not (opts and (opts.strategy or opts.drafters)) and not ready:
             spec = "none"  # default strategy with no drafter up: plain decoding, still correct
         strategy = parse_strategy(spec, names if not spec.startswith("single:") else [], available=list(ready))
-        reserve = max_new + self.tree.total_tokens * max(1, len(strategy.drafters))
+        largest = self._policy(strategy).max_tree if self._policy(strategy) else self.tree
+        reserve = max_new + largest.total_tokens * max(1, len(strategy.drafters))
         if len(prompt_ids) + reserve > self.cfg.max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_new} exceeds the context "
                              f"window of {self.cfg.max_len} tokens")
@@ -262,6 +265,15 @@ class TapsRouter:
             links[name] = _DrafterLink(name, self.pool.get(rep["address"]))
         return prompt_ids, strategy, sampling, max_new, links
 
+    def _policy(self, strategy) -> TreePolicy | None:
+        """tree.mode auto: one online tree policy per strategy and drafter set, kept for the replica's life."""
+        if self.cfg.tree.mode != "auto" or strategy.kind == "none" or not strategy.drafters:
+            return None
+        key = (strategy.kind, tuple(strategy.drafters))
+        if key not in self.policies:
+            self.policies[key] = online_policy(strategy)
+        return self.policies[key]
+
     async def _run(self, rid, prompt_ids, strategy, sampling, max_new, links):
         """Admission control, then decoding; yields token lists and finally ("done", state)."""
         self._waiting += 1
@@ -272,7 +284,8 @@ class TapsRouter:
                 try:
                     gen = decode(self.verifier, links, prompt_ids, strategy, sampling, max_new, self.eos_ids,
                                  self.tree, self.cfg.deadline_ms / 1000, request_id=rid,
-                                 on_error=lambda n, e: self.metrics.drafter_errors.labels(n).inc())
+                                 on_error=lambda n, e: self.metrics.drafter_errors.labels(n).inc(),
+                                 policy=self._policy(strategy))
                     try:
                         async for item in gen:
                             if isinstance(item, tuple):

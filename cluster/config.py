@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -27,6 +28,9 @@ class TreeArgs(BaseModel):
     depth: int = Field(5, ge=1, le=64)
     top_k: int = Field(4, ge=1, le=64)
     total_tokens: int = Field(16, ge=2, le=1024)
+    # fixed: these sizes every step; auto: per strategy, the tree size (or no draft) with the best
+    # measured tokens/s, learnt from the router's own step times (taps.adaptive.online_policy)
+    mode: Literal["fixed", "auto"] = "fixed"
 
 
 class AppConfig(BaseModel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.grpc_client import DrafterClient, DrafterError
+from taps.adaptive import SKIP, TreePolicy
 from taps.compose import Strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.engine import Decoding
@@ -81,12 +82,18 @@ def pick_replica(replicas: list[dict], request_id: str) -> dict | None:
 
 async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int], strategy: Strategy,
                  sampling: SamplingConfig, max_new_tokens: int, eos_ids: frozenset[int], tree: TreeConfig,
-                 deadline_s: float, request_id: str | None = None, on_error=None):
-    """Async generator of emitted token lists; the final Decoding is yielded last as ("done", state)."""
+                 deadline_s: float, request_id: str | None = None, on_error=None,
+                 policy: TreePolicy | None = None):
+    """Async generator of emitted token lists; the final Decoding is yielded last as ("done", state).
+
+    With `policy` (`tree.mode: auto`) each step's tree comes from the policy, which learns every
+    arm's wall time from these steps; a SKIP step sends no drafts (the drafters catch up on the
+    pairs at their next step)."""
     import ray
 
     rid = request_id or uuid.uuid4().hex
-    state = Decoding(strategy, max_new_tokens, eos_ids, tree.depth)
+    largest = policy.max_tree if policy else tree
+    state = Decoding(strategy, max_new_tokens, eos_ids, largest.depth)
     sdict = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
              "seed": sampling.seed}
     history = PairHistory()
@@ -94,7 +101,7 @@ async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int]
     try:
         try:
             prefill = await verifier.prefill.remote(rid, prompt_ids, sdict,
-                                                    max_new_tokens + tree.total_tokens * max(1, len(links)))
+                                                    max_new_tokens + largest.total_tokens * max(1, len(links)))
         except ray.exceptions.RayActorError as e:
             raise VerifierUnavailable(str(e)) from e
         kept = state.start(prompt_ids, prefill)
@@ -102,10 +109,11 @@ async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int]
             yield kept
         while not state.done:
             t1 = time.perf_counter()
+            step_tree = policy.choose() if policy else tree
             tokens, hidden = state.drafter_inputs()
             history.add(tokens, hidden)
-            order = [n for n in strategy.drafters if n in links]
-            results = await asyncio.gather(*(_draft(links[n], rid, history, tree, deadline_s, on_error)
+            order = [n for n in strategy.drafters if n in links] if step_tree is not SKIP else []
+            results = await asyncio.gather(*(_draft(links[n], rid, history, step_tree, deadline_s, on_error)
                                              for n in order))
             trees = [t for t in results if t is not None]
             chosen = state.choose(trees)
@@ -116,6 +124,8 @@ async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int]
                 raise VerifierUnavailable(str(e)) from e
             t3 = time.perf_counter()
             kept = state.observe(result, t2 - t1, t3 - t2)
+            if policy:
+                policy.observe(step_tree, len(result.tokens), seconds=t3 - t1)
             if kept:
                 yield kept
     finally:

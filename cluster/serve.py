@@ -61,6 +61,8 @@ def config_from_args(args) -> dict:
     for key, attr in (("depth", "tree_depth"), ("top_k", "tree_top_k"), ("total_tokens", "tree_tokens")):
         if getattr(args, attr, None) is not None:
             tree.setdefault(key, getattr(args, attr))
+    if getattr(args, "tree", None):
+        tree["mode"] = args.tree
     if getattr(args, "drafters", None):
         entries = []
         for item in args.drafters.split(","):

@@ -51,6 +51,8 @@ class _Arm:
     cost_s: float  # seconds per step (draft + verify) with this tree
     steps: int = 0
     tokens: float = 0.0  # tokens emitted per step, summed
+    timed: int = 0  # online policies: steps whose wall time was observed
+    seconds: float = 0.0  # ... and their wall time, summed
 
     def mean_tokens(self) -> float:
         return self.tokens / self.steps if self.steps else 1.0
@@ -59,12 +61,14 @@ class _Arm:
 class TreePolicy:
     """Thread-safe UCB1 over tree configurations, scored by tokens per second."""
 
-    def __init__(self, costs: dict[TreeConfig, float], warmup: int = 3, exploration: float = 0.5):
+    def __init__(self, costs: dict[TreeConfig, float], warmup: int = 3, exploration: float = 0.5,
+                 online: bool = False):
         if not costs:
             raise ValueError("TreePolicy needs at least one candidate")
         self.arms = [_Arm(cfg, c) for cfg, c in costs.items()]
         self.warmup = warmup
         self.exploration = exploration
+        self.online = online  # True: an arm's cost is the mean wall time observed for it (serving)
         self._lock = threading.Lock()
 
     @property
@@ -85,12 +89,17 @@ class TreePolicy:
 
             return max(self.arms, key=score).config
 
-    def observe(self, config: TreeConfig, emitted: int) -> None:
+    def observe(self, config: TreeConfig | None, emitted: int, seconds: float | None = None) -> None:
+        """One step with `config` emitted `emitted` tokens; online policies also learn its cost from `seconds`."""
         with self._lock:
             for a in self.arms:
                 if a.config == config:
                     a.steps += 1
                     a.tokens += emitted
+                    if self.online and seconds is not None and seconds > 0:
+                        a.timed += 1
+                        a.seconds += seconds
+                        a.cost_s = a.seconds / a.timed
                     return
 
     def best(self) -> TreeConfig:
@@ -188,6 +197,16 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
         drafts = [draft_s(r, c) for r in drafter_runners]
         costs[c] = (max(drafts) if parallel else sum(drafts)) + verify_s(verified_size(c, n, merged))
     return TreePolicy(costs, **policy_kw)
+
+
+def online_policy(strategy, **policy_kw) -> TreePolicy:
+    """A policy for serving: same arms as `auto_policy`, but each arm's cost is the wall time the
+    router observes for its steps (gRPC drafting + the verifier actor + queueing under load), not
+    an in-process measurement. Until an arm has been timed its cost is a prior proportional to the
+    nodes verified; warm-up tries every arm before the prior matters."""
+    cands = auto_candidates(strategy)
+    n, merged = len(strategy.drafters), strategy.kind == "merged"
+    return TreePolicy({c: 1e-3 * verified_size(c, n, merged) for c in cands}, online=True, **policy_kw)
 
 
 def attach_auto_policies(engine, verifier_model, strategies, repeats: int = 3) -> dict:

@@ -26,8 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
 
 
-def _add_tree_mode_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tree", default="fixed", choices=["fixed", "auto"],
+def _add_tree_mode_arg(p: argparse.ArgumentParser, default: str | None = "fixed") -> None:
+    p.add_argument("--tree", default=default, choices=["fixed", "auto"],
                    help="fixed: the --tree-* sizes every step; auto: per strategy, the tree size (or no draft) "
                         "that maximises measured tokens/s, from a cost model timed at start-up (taps.adaptive)")
 
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (env TAPS_API_KEY)")
     s.add_argument("--admin-key", default=None, help="guard drafter admin routes (env TAPS_ADMIN_KEY)")
     s.add_argument("--drafters", default=None, help="drafters to start (default: shipped)")
+    _add_tree_mode_arg(s, default=None)  # serve: learnt from the router's step times (config tree.mode)
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -178,3 +178,19 @@ def test_prompt_lookup_is_lossless(tiny, spec):
     assert res.token_ids == greedy_reference(tiny, prompt, 40)
     attach_auto_policies(eng, tiny, [strat], repeats=1)  # the cost model measures a weightless drafter too
     assert eng.generate(prompt, strat, SamplingConfig(), 40).token_ids == res.token_ids
+
+
+def test_online_policy_learns_costs_from_observed_step_times():
+    from taps.adaptive import online_policy
+
+    strat = parse_strategy("merged", ["a", "b"])
+    pol = online_policy(strat, warmup=1)
+    assert [a.config for a in pol.arms] == auto_candidates(strat) and pol.online
+    big = max((a for a in pol.arms if a.config is not None), key=lambda a: a.config.total_tokens)
+    for _ in range(3):  # the big tree emits 3 tokens but its steps take 10x as long as SKIP's 1 token
+        pol.observe(SKIP, 1, seconds=0.01)
+        pol.observe(big.config, 3, seconds=0.1)
+    assert big.cost_s == pytest.approx(0.1) and pol.best() is not big.config
+    fixed = TreePolicy({SKIP: 0.5}, warmup=1)
+    fixed.observe(SKIP, 1, seconds=0.01)  # offline policies keep their start-up cost model
+    assert fixed.arms[0].cost_s == 0.5

@@ -513,6 +513,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="override max_steps")
     ap.add_argument("--output", default=None, help="override output_dir (where the final drafter is written)")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="override device (cuda on GPU workers)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config field (value parsed as YAML), e.g. --set time_budget_s=420; repeatable")
     ap.add_argument("--stop-after-steps", type=int, default=None,
                     help="fault injection for tests: exit hard after this many steps (--no-ray only)")
     args = ap.parse_args(argv)
@@ -521,6 +523,13 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.load(args.config, Path(args.root) if args.root else None)
         overrides = {k: v for k, v in (("max_steps", args.max_steps), ("output_dir", args.output),
                                         ("device", args.device)) if v is not None}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise TrainConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            import yaml
+
+            overrides[key] = yaml.safe_load(value)
         if overrides:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
     except TrainConfigError as e:
