@@ -12,6 +12,8 @@ import torch
 
 from actors.grpc_server import serve_drafter
 from taps.drafting import DrafterRunner
+from taps.lookup import NAME as LOOKUP
+from taps.lookup import PromptLookupRunner
 from taps.models.drafter import sha256_dir
 from taps.models.loading import load_verifier
 from taps.runtime import build_drafter, parse_dtype, resolve_drafter
@@ -30,12 +32,16 @@ class DrafterActor:
         self.name = name
         # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
         verifier_model = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
-        spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
-        drafter = build_drafter(spec, verifier_model, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
-                                expected_sha256=expected_sha256)
-        self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
-        self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
-        self.runner = DrafterRunner(drafter, max_len=max_len + 512, name=name)
+        if name == LOOKUP and not checkpoint:  # n-gram prompt lookup: no weights (taps.lookup)
+            self.checkpoint = self.sha256 = ""
+            self.runner = PromptLookupRunner(name, hidden_size=verifier_model.config.hidden_size)
+        else:
+            spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
+            drafter = build_drafter(spec, verifier_model, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
+                                    expected_sha256=expected_sha256)
+            self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
+            self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
+            self.runner = DrafterRunner(drafter, max_len=max_len + 512, name=name)
         host = grpc_host
         if host == "node-ip":
             import ray

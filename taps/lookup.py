@@ -27,8 +27,10 @@ NAME = "lookup"
 class PromptLookupRunner:
     """Serves n-gram prompt-lookup drafts to many requests (each with its own token history)."""
 
-    def __init__(self, name: str = NAME, max_ngram: int = 3, max_draft: int = 10, score: float = -0.7):
+    def __init__(self, name: str = NAME, max_ngram: int = 3, max_draft: int = 10, score: float = -0.7,
+                 hidden_size: int | None = None):
         self.name = name
+        self.hidden_size = hidden_size  # served over gRPC: the verifier's, so DraftRequests validate
         self.max_ngram = max_ngram
         self.max_draft = max_draft
         self.score = score  # assumed log-prob per drafted token (for routing by confidence)
@@ -56,7 +58,7 @@ class PromptLookupRunner:
 
     def describe(self) -> dict:
         return {"name": self.name, "domain": "any", "objective": "prompt-lookup", "trained": True,
-                "verifier": None, "hidden_size": None, "vocab_size": None, "draft_vocab_size": 0}
+                "verifier": None, "hidden_size": self.hidden_size, "vocab_size": None, "draft_vocab_size": 0}
 
     def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor | None, tree: TreeConfig | None,
               start: int | None = None) -> DraftTree:

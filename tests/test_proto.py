@@ -445,3 +445,24 @@ def test_fuzzed_requests_answer_ok_or_invalid_argument(fake, raw):
             assert e.details()
         else:
             tree_from_pb(resp)
+
+
+def test_prompt_lookup_runner_over_grpc():
+    """The weightless lookup drafter as a served specialist (DrafterActor serves it for name `lookup`)."""
+    from taps.lookup import PromptLookupRunner
+
+    runner = PromptLookupRunner(hidden_size=H)
+    server, port = serve_drafter(runner, port=0)
+    try:
+        with SyncDrafterClient(f"127.0.0.1:{port}") as c:
+            assert c.describe()["hidden_size"] == H and c.describe()["objective"] == "prompt-lookup"
+            history = torch.tensor([5, 6, 7, 8, 9, 5, 6])  # "5 6" seen before, followed by 7 8 9
+            tree, _ = c.draft("req", history, torch.randn(len(history), H), TreeConfig(depth=3, top_k=1,
+                                                                                          total_tokens=4), start=0)
+            local = PromptLookupRunner().draft("l", history, None, TreeConfig(depth=3, top_k=1, total_tokens=4))
+            assert_trees_equal(tree, local)
+            assert tree.tokens.tolist()[1:] == [7, 8, 9]
+            c.release("req")
+            assert c.describe()["active_requests"] == 0
+    finally:
+        server.stop(0)
