@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval import plots
-from eval.report_md import (STATIC_BEGIN, STATIC_END, acceptance_table, depth_table, entropy_table, findings,
+from eval.report_md import (STATIC_BEGIN, _datasets, _tau, STATIC_END, acceptance_table, depth_table, entropy_table, findings,
                             lambda_table, peers_tables, routing_table, speed_table)
 
 FIG7_STRATEGIES = ["single:math", "single:chat", "single:mixed"]  # the paper's figure leaves out the averaged one
@@ -38,8 +38,8 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
     rows = main["rows"]
     env = main["env"]
     temps = sorted({r["temperature"] for r in rows})
-    n_gen = sum(r["n_prompts"] for k in ("main", "three", "hass", "sweep") for r in results.get(k, {}).get("rows", []))
-    mism = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "sweep")
+    n_gen = sum(r["n_prompts"] for k in ("main", "three", "hass", "text", "sweep") for r in results.get(k, {}).get("rows", []))
+    mism = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "text", "sweep")
                for r in results.get(k, {}).get("rows", []))
     tree = env.get("tree", {})
     L: list[str] = []
@@ -85,6 +85,19 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
         for t in sorted({r["temperature"] for r in hrows}):
             add(f"#### HASS, temperature {t:g}\n")
             add(acceptance_table(hrows, t, "HASS") + "\n")
+
+    text = results.get("text")
+    if text:
+        add("### Self-distilled vs dataset-text training (math)\n")
+        add("`math` trained on the verifier's own answers to the math prompts (self-distillation, the default), "
+            "`math_text` on the dataset's written answers to the same prompts (the paper's setting); same "
+            "budget, objective and token map (training/configs/math_text_eagle2.yaml).\n")
+        add("| dataset | temperature | single:math | single:math_text |\n| --- | --- | --- | --- |")
+        for d in _datasets(text["rows"]):
+            for t in sorted({r["temperature"] for r in text["rows"]}):
+                cells = [_tau(text["rows"], d, s, t) for s in ("single:math", "single:math_text")]
+                add(f"| {d} | {t:g} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+        add("")
 
     # findings
     add("## What agrees with the paper and what does not\n")

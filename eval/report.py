@@ -7,6 +7,8 @@ Stages (all in this process, one verifier load; prompts interleaved across strat
           merged (drafters math, chat), temperatures 0 and 1, with draft-entropy recording (Figure 7)
   three   a 3-drafter run (math, chat, code) on sharegpt_code and mtbench
   hass    the same as main for the HASS drafters that exist (drafters/<name>_hass); skipped when none do
+  text    self-distilled vs dataset-text training: single:math against single:math_text (drafters/math_text)
+          on the math sets; skipped when math_text is not there
   sweep   weight-averaging sweep lambda * math + (1 - lambda) * chat (training.average --sweep) on
           gsm_symbolic and mtbench (Figure 6)
   peers   HF transformers greedy / prompt lookup, llama.cpp plain / prompt lookup, TAPS, interleaved
@@ -33,7 +35,8 @@ MAIN_STRATEGIES = ("none", "single:math", "single:chat", "single:mixed", "single
                    "merged")
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HASS_BASES = ("math", "chat", "code", "mixed")
-STAGES = ("main", "three", "hass", "sweep", "peers")
+STAGES = ("main", "three", "hass", "text", "sweep", "peers")
+MATH_SETS = ("gsm_symbolic", "mathematics", "svamp_like")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,6 +163,13 @@ class Runner:
         res["hass_drafters"] = have
         return res
 
+    def text(self) -> dict | None:
+        if not (self.drafter_dir / "math_text" / "drafter.json").exists():
+            return None
+        ds = [d for d in MATH_SETS if d in self.args.datasets] or list(MATH_SETS)
+        return self.evaluate(["math", "math_text"], ("none", "single:math", "single:math_text"), ["math", "math_text"],
+                             ds, self.args.temperatures)
+
     def sweep(self) -> dict:
         prefix = self.runs_dir / "avg"
         self.average([self.drafter_dir / "math", self.drafter_dir / "chat"], prefix, LAMBDAS)
@@ -278,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     static = _static_block(page)
     page.write_text(render(results, meta, res_dir, static))
     print(f"[report] wrote {page} and figures in {res_dir}")
-    bad = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "sweep")
+    bad = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "text", "sweep")
               for r in results.get(k, {}).get("rows", []))
     if bad:
         print(f"[report] WARNING: {bad} lossless mismatches vs none", file=sys.stderr)

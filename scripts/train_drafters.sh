@@ -5,7 +5,7 @@
 #
 #   bash scripts/train_drafters.sh [CONFIG ...]       # default: the shipped set (see CONFIGS below)
 #
-# Environment: MATH_N / CHAT_N (conversations distilled); TRAIN_LOCAL=0 to train as Ray jobs, with
+# Environment: MATH_N / CHAT_N / CODE_N (conversations distilled); TRAIN_LOCAL=0 to train as Ray jobs, with
 # NUM_CPUS (the Ray cluster started here) or RAY_ADDRESS (a running cluster's job server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
 MATH_N=${MATH_N:-512}
 CHAT_N=${CHAT_N:-320}
+CODE_N=${CODE_N:-128}
 CONFIGS=("$@")
-[ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(math_eagle2 chat_eagle2 math_hass chat_hass mixed_eagle2)
+[ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(math_eagle2 chat_eagle2 code_eagle2 math_hass chat_hass mixed_eagle2 mixed_hass
+                                     math_text_eagle2)
 
 # 1. conversations from the data builders (held-out split: training/data/sources.py)
 [ -f runs/data/math.jsonl ] || python -m training.data.build --domain math --n 1600 --out runs/data/math.jsonl
@@ -22,11 +24,17 @@ if [ ! -f runs/data/chat_first.jsonl ]; then
   [ -f runs/data/chat.jsonl ] || python -m training.data.build --domain chat --n 800 --out runs/data/chat.jsonl
   python -m training.data.first_turns runs/data/chat.jsonl runs/data/chat_first.jsonl --max-prompt-chars 2000
 fi
+if [ ! -f runs/data/code_first.jsonl ]; then
+  [ -f runs/data/code.jsonl ] || python -m training.data.build --domain code --n 500 --out runs/data/code.jsonl
+  python -m training.data.first_turns runs/data/code.jsonl runs/data/code_first.jsonl --max-prompt-chars 2000
+fi
 # 2. self-distillation: the verifier answers every prompt (greedy, bf16, batched on the taps Llama)
 python -m training.distill --input runs/data/math.jsonl --output runs/data/math_distilled.jsonl \
   --max-new-tokens 256 --batch-size 16 --threads 1 --limit "$MATH_N"
 python -m training.distill --input runs/data/chat_first.jsonl --output runs/data/chat_distilled.jsonl \
   --max-new-tokens 192 --batch-size 16 --threads 1 --limit "$CHAT_N"
+python -m training.distill --input runs/data/code_first.jsonl --output runs/data/code_distilled.jsonl \
+  --max-new-tokens 192 --batch-size 16 --threads 1 --limit "$CODE_N"
 # 3. one draft vocabulary for math, chat and mixed (weight averaging needs identical token maps)
 [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --size 8192 \
   --data runs/data/math_distilled.jsonl runs/data/chat_distilled.jsonl --map-out runs/vocab/shared-8192.json
@@ -61,6 +69,12 @@ for c in "${CONFIGS[@]}"; do
       d=${c%_eagle2}
       [ -f "runs/drafters/${d}_420/drafter.json" ] || submit "$c" --output "runs/drafters/${d}_420"
       submit "$c" ;;  # resumes from the last checkpoint: 420 s more
+    code_eagle2|math_text_eagle2)  # the same 2 x 420 s
+      submit "$c"; submit "$c" ;;
+    mixed_hass)  # 420 s of the mixed EAGLE-2 recipe, then 420 s HASS from there (as math_hass / chat_hass)
+      [ -f runs/drafters/mixed_420/drafter.json ] || submit mixed_eagle2 --set name=mixed_420 \
+        --set time_budget_s=420 --output runs/drafters/mixed_420
+      submit "$c" ;;
     *) submit "$c" ;;
   esac
 done

@@ -145,6 +145,11 @@ def test_report_page_and_figures_from_result_files(tiny_hf, tmp_path):
              for d in ("gsm_symbolic", "mtbench") for s, tps in (("taps:none", 6.0), ("hf_greedy", 3.0))]
     (res / "peers.json").write_text(json.dumps({"env": env, "rows": peers,
                                                 "skipped": {"llama.cpp": "not installed"}}))
+    math_rows = [r for r in rows if r["dataset"] == "gsm_symbolic" and r["temperature"] == 0.0
+                 and r["strategy"] in ("none", "single:math")]
+    text_rows = math_rows + [{**r, "strategy": "single:math_text", "acceptance_length": 9.87}
+                             for r in math_rows if r["strategy"] == "single:math"]
+    (res / "text.json").write_text(json.dumps({"env": env, "rows": text_rows}))
     (res / "meta.json").write_text(json.dumps({"limit": 1, "max_new_tokens": 6, "total_seconds": 60}))
     static = f"{STATIC_BEGIN}\nServing note that must survive.\n{STATIC_END}"
     (tmp_path / "out" / "results.md").write_text("# old page\n\n" + static + "\ntrailing junk\n")
@@ -153,7 +158,8 @@ def test_report_page_and_figures_from_result_files(tiny_hf, tmp_path):
     for needle in ("Table 1 analogue", "Table 3 analogue", "Figure 8 analogue", "Figure 7 analogue",
                    "Figure 6 analogue", "## Wall clock", "What agrees with the paper", "n = 1 prompts per set",
                    "| single:math |", "hf_greedy", "llama.cpp skipped", "taps:none / hf_greedy | 2.00 | 2.00 |",
-                   "Serving note that must survive.", "(5.04)"):
+                   "Serving note that must survive.", "(5.04)", "Self-distilled vs dataset-text",
+                   f"| gsm_symbolic | 0 | {math_rows[1]['acceptance_length']:.2f} | 9.87 |"):
         assert needle in page, needle
     assert "trailing junk" not in page and "### HASS" not in page  # no HASS results: no HASS section
     for png in ("fig8_depth_t0.png", "fig8_depth_t1.png", "fig7_entropy.png", "fig6_lambda.png"):
