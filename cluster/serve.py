@@ -91,7 +91,7 @@ def main(args) -> int:
 
     cfg = config_from_args(args)
     for d in cfg["drafters"]:
-        if not d.get("checkpoint"):
+        if not d.get("checkpoint") and d["name"] != "lookup":  # lookup: n-gram drafter without weights
             log.warning("drafter %r has no checkpoint: serving a RANDOM-INIT (untrained) drafter", d["name"])
     app = build_app(cfg)  # validates the config before anything starts
     use_patient_serve_env()

@@ -112,11 +112,7 @@ _JOB = ("# the training step alone, as a Ray job: RAY_AUTH_MODE=token ray job su
 COMMANDS = {
     **{name: [_SETUP.format(cfg=cfg), _JOB.format(cfg=cfg)] for name, cfg in (
         ("math", "math_eagle2"), ("chat", "chat_eagle2"), ("mixed", "mixed_eagle2"), ("math_hass", "math_hass"),
-        ("chat_hass", "chat_hass"), ("mixed_hass", "mixed_hass"), ("math_text", "math_text_eagle2"))},
-    "code": ["python -m training.distill --fallback-domain code --fallback-n 240 --output runs/data/code_distilled.jsonl "
-             "--max-new-tokens 192 --batch-size 12",
-             "python training/train_drafter.py --config training/configs/code_eagle2.yaml --no-ray   "
-             "# then training.reduce_vocab --size 8192 (an earlier pipeline: full-vocabulary training)"],
+        ("chat_hass", "chat_hass"), ("mixed_hass", "mixed_hass"), ("math_text", "math_text_eagle2"), ("code", "code_eagle2"))},
     "averaged": ["python -m training.average --inputs drafters/math drafters/chat --weights 0.5 0.5 "
                  "--out drafters/averaged --name averaged"],
     "averaged_hass": ["python -m training.average --inputs drafters/math_hass drafters/chat_hass --weights 0.5 0.5 "
@@ -176,7 +172,14 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
              "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
                           "the math_eagle2 run of the script) for 420 s with the HASS objective.",
              "chat_hass": "Fine-tunes the drafter of chat's first 420 s session (runs/drafters/chat_420) for 420 s "
-                          "with the HASS objective."}
+                          "with the HASS objective.",
+             "mixed_hass": "Fine-tunes runs/drafters/mixed_420 (420 s of the mixed EAGLE-2 recipe) for 420 s with "
+                           "the HASS objective.",
+             "code": "Two EAGLE-2 sessions of up to 420 s (the second resumes) on 128 self-distilled ShareGPT first turns "
+                     "that contain code (training/data split: sha256 of the conversation id, so no "
+                     "eval/prompts/sharegpt_code.jsonl prompt is trained on); its own 8,192-token map.",
+             "math_text": "The same 512 math prompts as math, but the datasets' written answers instead of the "
+                          "verifier's (the paper's setting); two 420 s EAGLE-2 sessions."}
     lines += ["", "Reproduce:" + (f" {notes[name]}" if name in notes else ""), "", "```"] + COMMANDS.get(name, []) + \
         ["```", ""]
     root = str(Path(__file__).resolve().parents[1]) + "/"
