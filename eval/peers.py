@@ -10,7 +10,9 @@ with a reason (`skipped`), never an error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,33 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+@contextlib.contextmanager
+def _extra_buffer_types(enabled: bool):
+    """llama.cpp's CPU "extra buffer types" (AMX and weight repacking) on or off for models loaded inside.
+
+    A source build with GGML_NATIVE on this machine (AMX-INT8 CPU) segfaults in ggml_backend_amx_mul_mat
+    on the shipped Q4_1 GGUF (llama-cpp-python 0.3.36), so they are off unless
+    TAPS_LLAMA_CPP_EXTRA_BUFTS=1 (the same as llama.cpp's --no-repack). llama-cpp-python has no
+    keyword for it: the model-params default is patched while the model loads."""
+    import llama_cpp.llama_cpp as lib
+
+    if enabled or "use_extra_bufts" not in {f[0] for f in lib.llama_model_params._fields_}:
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def without():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ctx: int = 2048) -> list[Peer]:
     """llama.cpp plain greedy and with LlamaPromptLookupDecoding (two model instances, same GGUF)."""
     from llama_cpp import Llama
@@ -67,8 +96,9 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
 
     def make(lookup: bool) -> Callable[[list[int], int], list[int]]:
         kw = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=PROMPT_LOOKUP_TOKENS)} if lookup else {}
-        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
-                    verbose=False, **kw)
+        with _extra_buffer_types(os.environ.get("TAPS_LLAMA_CPP_EXTRA_BUFTS") == "1"):
+            llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                        verbose=False, **kw)
         eos_all = eos | {int(llm.token_eos())}
 
         def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -83,7 +113,8 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
         return generate
 
     info = {"library": "llama-cpp-python", "version": _version("llama_cpp_python"), "weights": str(gguf),
-            "threads": threads}
+            "threads": threads,
+            "extra_buffer_types": os.environ.get("TAPS_LLAMA_CPP_EXTRA_BUFTS") == "1"}
     return [Peer("llama_cpp", make(False), info),
             Peer("llama_cpp_prompt_lookup", make(True), {**info, "num_pred_tokens": PROMPT_LOOKUP_TOKENS})]
 
