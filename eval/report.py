@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -37,6 +38,9 @@ LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HASS_BASES = ("math", "chat", "code", "mixed")
 STAGES = ("main", "three", "hass", "text", "sweep", "peers")
 MATH_SETS = ("gsm_symbolic", "mathematics", "svamp_like")
+# --install-peers: the library alone (no llava, tools, examples, tests, server): about 12 min on 2 cores
+LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
+                        "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peer-strategies", default="single:math,confidence,merged",
                     help="TAPS strategies timed beside the peers (taps:none is always included)")
     ap.add_argument("--peers-bf16", action="store_true", help="also time HF generate in bfloat16")
-    ap.add_argument("--install-peers", action="store_true", help="pip install llama-cpp-python if missing (~8 min build)")
+    ap.add_argument("--install-peers", action="store_true", help="pip install llama-cpp-python if missing (a source build: ~12 min on 2 idle cores)")
     ap.add_argument("--drafter-dir", default=str(REPO / "drafters"))
     ap.add_argument("--runs-dir", default=str(REPO / "runs" / "report"), help="averaged checkpoints go here")
     ap.add_argument("--verifier", default=None, help="default: the shipped SmolLM2-135M-Instruct")
@@ -192,8 +196,9 @@ class Runner:
 
         skipped = {}
         if self.args.install_peers and not llama_cpp_available():
+            env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", LLAMA_CPP_CMAKE_ARGS)}
             p = subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], capture_output=True,
-                               text=True)
+                               text=True, env=env)
             if p.returncode != 0:
                 skipped["llama.cpp install"] = p.stderr.strip()[-500:]
         engine, info = self.engine(["math", "chat", "mixed", "averaged"])
