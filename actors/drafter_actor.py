@@ -34,7 +34,7 @@ class DrafterActor:
         verifier_model = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
         if name == LOOKUP and not checkpoint:  # n-gram prompt lookup: no weights (taps.lookup)
             self.checkpoint = self.sha256 = ""
-            self.runner = PromptLookupRunner(name, hidden_size=verifier_model.config.hidden_size)
+            self.runner = PromptLookupRunner(name, hidden_size=verifier_model.model.config.hidden_size)
         else:
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
             drafter = build_drafter(spec, verifier_model, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,

@@ -466,3 +466,23 @@ def test_prompt_lookup_runner_over_grpc():
             assert c.describe()["active_requests"] == 0
     finally:
         server.stop(0)
+
+
+def test_drafter_actor_serves_lookup_without_weights(tmp_path):
+    """DrafterActor (constructed in-process, no Ray) for the name `lookup` and no checkpoint: the
+    n-gram runner with the verifier's hidden size, not a random-init neural drafter."""
+    from actors.drafter_actor import DrafterActor
+    from taps.testing import make_tiny_verifier_dir
+
+    vdir = make_tiny_verifier_dir(tmp_path / "verifier", seed=3)
+    actor = DrafterActor("lookup", None, verifier=str(vdir))
+    try:
+        info = actor.info()
+        assert info["objective"] == "prompt-lookup" and info["checkpoint"] == "" and info["hidden_size"] > 0
+        with SyncDrafterClient(info["address"]) as c:
+            history = torch.tensor([5, 6, 7, 8, 5, 6])
+            tree, _ = c.draft("r", history, torch.randn(len(history), info["hidden_size"]),
+                              TreeConfig(depth=2, top_k=1, total_tokens=3), start=0)
+            assert tree.tokens.tolist()[1:] == [7, 8]
+    finally:
+        actor.shutdown()
