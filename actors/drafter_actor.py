@@ -12,8 +12,7 @@ import torch
 
 from actors.grpc_server import serve_drafter
 from taps.drafting import DrafterRunner
-from taps.lookup import NAME as LOOKUP
-from taps.lookup import PromptLookupRunner
+from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import sha256_dir
 from taps.models.loading import load_verifier
 from taps.runtime import build_drafter, parse_dtype, resolve_drafter
@@ -32,7 +31,7 @@ class DrafterActor:
         self.name = name
         # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
         verifier_model = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
-        if name == LOOKUP and not checkpoint:  # n-gram prompt lookup: no weights (taps.lookup)
+        if is_lookup(name, checkpoint):  # n-gram prompt lookup: no weights (taps.lookup)
             self.checkpoint = self.sha256 = ""
             self.runner = PromptLookupRunner(name, hidden_size=verifier_model.model.config.hidden_size)
         else:

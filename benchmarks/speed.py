@@ -49,14 +49,11 @@ if str(ROOT) not in sys.path:
 
 from taps.compose import parse_strategy  # noqa: E402
 from taps.config import SamplingConfig, TreeConfig  # noqa: E402
+from taps.costmodel import clock  # noqa: E402
+from taps.lookup import PromptLookupRunner, is_lookup  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- profiler
-def _now() -> float:
-    """Process CPU time with one torch thread (robust on a shared machine), else wall time."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-
-
 class PhaseTimer:
     """Wall-clock totals per named phase, collected by wrapping methods (see `instrument`)."""
 
@@ -90,11 +87,11 @@ def instrument(timer: PhaseTimer) -> None:
         orig = getattr(owner, attr)
 
         def wrapped(*a, **kw):
-            t0 = _now()
+            t0 = clock()
             try:
                 return orig(*a, **kw)
             finally:
-                timer.add(name_fn(a, kw), _now() - t0)
+                timer.add(name_fn(a, kw), clock() - t0)
 
         wrapped.__wrapped__ = orig
         setattr(owner, attr, wrapped)
@@ -103,11 +100,11 @@ def instrument(timer: PhaseTimer) -> None:
 
     def draft(self, *a, **kw):
         timer._draft_calls = 0
-        t0 = _now()
+        t0 = clock()
         try:
             return orig_draft(self, *a, **kw)
         finally:
-            timer.add("draft: total (per drafter call)", _now() - t0)
+            timer.add("draft: total (per drafter call)", clock() - t0)
 
     DrafterRunner.draft = draft
 
@@ -134,11 +131,11 @@ def instrument(timer: PhaseTimer) -> None:
 
 def _timed(fn, timer, name):
     def wrapped(*a, **kw):
-        t0 = _now()
+        t0 = clock()
         try:
             return fn(*a, **kw)
         finally:
-            timer.add(name, _now() - t0)
+            timer.add(name, clock() - t0)
 
     return wrapped
 
@@ -210,9 +207,7 @@ def build(configs: list[Config], args, verifier):
         if bf16 not in runner_sets:
             out = {}
             for i, n in enumerate(names):
-                if n == "lookup":
-                    from taps.lookup import PromptLookupRunner
-
+                if is_lookup(n):
                     out[n] = PromptLookupRunner(n)
                     continue
                 d = build_drafter(resolve_drafter(n, None, allow_random=False), verifier, seed=i,

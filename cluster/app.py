@@ -252,7 +252,8 @@ class TapsRouter:
         if spec != "none" and not (opts and (opts.strategy or opts.drafters)) and not ready:
             spec = "none"  # default strategy with no drafter up: plain decoding, still correct
         strategy = parse_strategy(spec, names if not spec.startswith("single:") else [], available=list(ready))
-        largest = self._policy(strategy).max_tree if self._policy(strategy) else self.tree
+        policy = self._policy(strategy)
+        largest = policy.max_tree if policy else self.tree
         reserve = max_new + largest.total_tokens * max(1, len(strategy.drafters))
         if len(prompt_ids) + reserve > self.cfg.max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_new} exceeds the context "

@@ -89,9 +89,11 @@ def main(args) -> int:
 
     from cluster.app import NAMESPACE, build_app
 
+    from taps.lookup import is_lookup
+
     cfg = config_from_args(args)
     for d in cfg["drafters"]:
-        if not d.get("checkpoint") and d["name"] != "lookup":  # lookup: n-gram drafter without weights
+        if not d.get("checkpoint") and not is_lookup(d["name"]):  # lookup: n-gram drafter without weights
             log.warning("drafter %r has no checkpoint: serving a RANDOM-INIT (untrained) drafter", d["name"])
     app = build_app(cfg)  # validates the config before anything starts
     use_patient_serve_env()

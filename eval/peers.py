@@ -93,10 +93,11 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     eos = set(eos_ids)
+    extra_bufts = os.environ.get("TAPS_LLAMA_CPP_EXTRA_BUFTS") == "1"
 
     def make(lookup: bool) -> Callable[[list[int], int], list[int]]:
         kw = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=PROMPT_LOOKUP_TOKENS)} if lookup else {}
-        with _extra_buffer_types(os.environ.get("TAPS_LLAMA_CPP_EXTRA_BUFTS") == "1"):
+        with _extra_buffer_types(extra_bufts):
             llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
                         verbose=False, **kw)
         eos_all = eos | {int(llm.token_eos())}
@@ -114,7 +115,7 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
 
     info = {"library": "llama-cpp-python", "version": _version("llama_cpp_python"), "weights": str(gguf),
             "threads": threads,
-            "extra_buffer_types": os.environ.get("TAPS_LLAMA_CPP_EXTRA_BUFTS") == "1"}
+            "extra_buffer_types": extra_bufts}
     return [Peer("llama_cpp", make(False), info),
             Peer("llama_cpp_prompt_lookup", make(True), {**info, "num_pred_tokens": PROMPT_LOOKUP_TOKENS})]
 

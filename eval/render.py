@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval import plots
-from eval.report_md import (STATIC_BEGIN, _datasets, _tau, STATIC_END, acceptance_table, depth_table, entropy_table, findings,
-                            lambda_table, peers_tables, routing_table, speed_table)
+from eval.report_md import (ROW_STAGES, STATIC_BEGIN, STATIC_END, _datasets, _tau, acceptance_table, depth_table,
+                            entropy_table, findings, lambda_table, peers_tables, routing_table, speed_table)
 
 FIG7_STRATEGIES = ["single:math", "single:chat", "single:mixed"]  # the paper's figure leaves out the averaged one
 
@@ -38,9 +38,8 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
     rows = main["rows"]
     env = main["env"]
     temps = sorted({r["temperature"] for r in rows})
-    n_gen = sum(r["n_prompts"] for k in ("main", "three", "hass", "text", "sweep") for r in results.get(k, {}).get("rows", []))
-    mism = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "text", "sweep")
-               for r in results.get(k, {}).get("rows", []))
+    n_gen = sum(r["n_prompts"] for k in ROW_STAGES for r in results.get(k, {}).get("rows", []))
+    mism = sum(r.get("lossless_mismatches") or 0 for k in ROW_STAGES for r in results.get(k, {}).get("rows", []))
     tree = env.get("tree", {})
     L: list[str] = []
     add = L.append

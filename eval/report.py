@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     static = _static_block(page)
     page.write_text(render(results, meta, res_dir, static))
     print(f"[report] wrote {page} and figures in {res_dir}")
-    bad = sum(r.get("lossless_mismatches") or 0 for k in ("main", "three", "hass", "text", "sweep")
-              for r in results.get(k, {}).get("rows", []))
+    from eval.report_md import ROW_STAGES
+
+    bad = sum(r.get("lossless_mismatches") or 0 for k in ROW_STAGES for r in results.get(k, {}).get("rows", []))
     if bad:
         print(f"[report] WARNING: {bad} lossless mismatches vs none", file=sys.stderr)
     return 1 if bad else 0

@@ -21,6 +21,9 @@ LABELS = {"single:averaged": "single:averaged (0.5 math + 0.5 chat)", "confidenc
           "entropy": "entropy (math, chat)", "merged": "merged (math, chat)"}
 
 
+ROW_STAGES = ("main", "three", "hass", "text", "sweep")  # report stages made of `taps eval` rows
+
+
 def extract_static(text: str) -> str:
     """The hand-written block of an existing results.md (markers included), or ''."""
     m = re.search(re.escape(STATIC_BEGIN) + r".*?" + re.escape(STATIC_END), text, flags=re.S)

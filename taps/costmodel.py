@@ -21,7 +21,8 @@ from taps.tree import DraftTree
 from taps.verify import VerifierRunner
 
 
-def _clock() -> float:
+def clock() -> float:
+    """Seconds: process CPU time with one torch thread (robust on a shared machine), else wall time."""
     return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
@@ -59,9 +60,9 @@ def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, 
         tree = chain_tree(n)
         times = []
         for _ in range(repeats + 1):
-            t0 = _clock()
+            t0 = clock()
             runner.score_tree("cost", tree)
-            times.append(_clock() - t0)
+            times.append(clock() - t0)
             cache.length = prefix
         out.append(sorted(times[1:])[len(times[1:]) // 2])
     runner.release("cost")
@@ -80,8 +81,8 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
                  torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
     times = []
     for i in range(repeats + 1):
-        t0 = _clock()
+        t0 = clock()
         runner.draft("cost", torch.tensor([(5 + i) % vocab]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
-        times.append(_clock() - t0)
+        times.append(clock() - t0)
     runner.release("cost")
     return sorted(times[1:])[len(times[1:]) // 2]

@@ -24,6 +24,12 @@ from taps.tree import DraftTree
 NAME = "lookup"
 
 
+def is_lookup(name: str, checkpoint: str | None = None) -> bool:
+    """Whether a drafter entry means this weightless drafter: the name `lookup` without a checkpoint
+    (a checkpoint directory given under that name is loaded as a neural drafter)."""
+    return name == NAME and not checkpoint
+
+
 class PromptLookupRunner:
     """Serves n-gram prompt-lookup drafts to many requests (each with its own token history)."""
 

@@ -11,8 +11,7 @@ import torch
 from taps.config import ConfigError, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
-from taps.lookup import NAME as LOOKUP
-from taps.lookup import PromptLookupRunner
+from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import EagleDrafter, load_drafter, new_drafter
 from taps.models.loading import Verifier, load_verifier
 from taps.verify import VerifierRunner
@@ -77,7 +76,7 @@ def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig,
     """Engine + a description of every drafter (objective, trained, checkpoint)."""
     runners, info = {}, {}
     for i, name in enumerate(drafter_names):
-        if name == LOOKUP:  # n-gram prompt lookup: no checkpoint, no weights (taps.lookup)
+        if is_lookup(name):  # n-gram prompt lookup: no checkpoint, no weights (taps.lookup)
             runners[name] = PromptLookupRunner(name)
             info[name] = {**runners[name].describe(), "checkpoint": None}
             continue

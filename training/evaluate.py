@@ -119,6 +119,21 @@ COMMANDS = {
                       "--out drafters/averaged_hass --name averaged_hass"],
 }
 
+NOTES = {  # how a drafter's budget was spent, for the Reproduce section of its card
+    "math": "EAGLE-2 runs two 420 s sessions (the second resumes); steps and wall time above are the totals "
+            "after the second, wall time that of the second.",
+    "chat": "EAGLE-2 runs two 420 s sessions (the second resumes); wall time above is the second's.",
+    "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
+                 "the math_eagle2 run of the script) for 420 s with the HASS objective.",
+    "chat_hass": "Fine-tunes the drafter of chat's first 420 s session (runs/drafters/chat_420) for 420 s "
+                 "with the HASS objective.",
+    "mixed_hass": "Fine-tunes runs/drafters/mixed_420 (420 s of the mixed EAGLE-2 recipe) for 420 s with "
+                  "the HASS objective.",
+    "code": "Two EAGLE-2 sessions of up to 420 s (the second resumes) on 128 self-distilled ShareGPT first turns "
+            "that contain code (training/data split: sha256 of the conversation id, so no "
+            "eval/prompts/sharegpt_code.jsonl prompt is trained on); its own 8,192-token map.",
+    "math_text": "The same 512 math prompts as math, but the datasets' written answers instead of the "
+                 "verifier's (the paper's setting); two 420 s EAGLE-2 sessions."}
 
 def _data_kind(data: dict) -> str:
     """Self-distilled or dataset text, from the conversations (or, for features-only configs such as
@@ -179,21 +194,7 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
             sp = r.get("speedup_vs_none")
             lines.append(f"| {r['dataset']} | {r['temperature']} | {r['n_prompts']} | {r['acceptance_length']:.2f} | "
                          f"{'-' if sp is None else f'{sp:.2f}x'} |")
-    notes = {"math": "EAGLE-2 runs two 420 s sessions (the second resumes); steps and wall time above are the totals "
-                     "after the second, wall time that of the second.",
-             "chat": "EAGLE-2 runs two 420 s sessions (the second resumes); wall time above is the second's.",
-             "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
-                          "the math_eagle2 run of the script) for 420 s with the HASS objective.",
-             "chat_hass": "Fine-tunes the drafter of chat's first 420 s session (runs/drafters/chat_420) for 420 s "
-                          "with the HASS objective.",
-             "mixed_hass": "Fine-tunes runs/drafters/mixed_420 (420 s of the mixed EAGLE-2 recipe) for 420 s with "
-                           "the HASS objective.",
-             "code": "Two EAGLE-2 sessions of up to 420 s (the second resumes) on 128 self-distilled ShareGPT first turns "
-                     "that contain code (training/data split: sha256 of the conversation id, so no "
-                     "eval/prompts/sharegpt_code.jsonl prompt is trained on); its own 8,192-token map.",
-             "math_text": "The same 512 math prompts as math, but the datasets' written answers instead of the "
-                          "verifier's (the paper's setting); two 420 s EAGLE-2 sessions."}
-    lines += ["", "Reproduce:" + (f" {notes[name]}" if name in notes else ""), "", "```"] + COMMANDS.get(name, []) + \
+    lines += ["", "Reproduce:" + (f" {NOTES[name]}" if name in NOTES else ""), "", "```"] + COMMANDS.get(name, []) + \
         ["```", ""]
     root = str(Path(__file__).resolve().parents[1]) + "/"
     out = directory / "README.md"

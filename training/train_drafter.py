@@ -523,12 +523,12 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.load(args.config, Path(args.root) if args.root else None)
         overrides = {k: v for k, v in (("max_steps", args.max_steps), ("output_dir", args.output),
                                         ("device", args.device)) if v is not None}
+        import yaml
+
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise TrainConfigError(f"--set expects KEY=VALUE, got {item!r}")
-            import yaml
-
             overrides[key] = yaml.safe_load(value)
         if overrides:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
