@@ -120,17 +120,34 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
             Peer("llama_cpp_prompt_lookup", make(True), {**info, "num_pred_tokens": PROMPT_LOOKUP_TOKENS})]
 
 
-def taps_peer(engine, strategy_spec: str, drafter_names: list[str]) -> Peer:
-    """The in-process TAPS engine as one more system (temperature 0)."""
+def taps_peer(engine, strategy_spec: str, drafter_names: list[str], memo: dict | None = None) -> Peer:
+    """The in-process TAPS engine as one more system (temperature 0).
+
+    `STRATEGY@auto` times the strategy with the adaptive tree policy of `--tree auto` (its arm costs
+    measured here at start-up, `taps.adaptive.auto_policy`; `memo` shares them between peers) on an
+    engine of its own over the same verifier and drafter runners; without it the engine's fixed tree."""
     from taps.compose import parse_strategy
     from taps.config import SamplingConfig
 
-    strat = parse_strategy(strategy_spec, drafter_names, available=list(engine.drafters))
+    spec, _, mode = strategy_spec.partition("@")
+    if mode not in ("", "auto"):
+        raise ValueError(f"unknown tree mode {mode!r} in {strategy_spec!r} (STRATEGY or STRATEGY@auto)")
+    strat = parse_strategy(spec, drafter_names, available=list(engine.drafters))
+    if mode == "auto":
+        from taps.adaptive import auto_policy
+        from taps.engine import TapsEngine
+
+        policy = auto_policy(engine.verifier.model, [engine.drafters[d] for d in strat.drafters], strat,
+                             memo=memo)
+        engine = TapsEngine(engine.verifier, engine.drafters, engine.tree, sorted(engine.eos_ids),
+                            policies={strat.name: policy})
+    name = f"taps:{strat.name}" + ("@auto" if mode else "")
 
     def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         return engine.generate(prompt_ids, strat, SamplingConfig(temperature=0.0, seed=0), max_new_tokens).token_ids
 
-    return Peer(f"taps:{strat.name}", generate, {"strategy": strat.name, "drafters": list(strat.drafters)})
+    return Peer(name, generate, {"strategy": strat.name, "drafters": list(strat.drafters),
+                                 "tree": mode or "fixed"})
 
 
 def _cut(tokens: list[int], eos: list[int], limit: int) -> list[int]:

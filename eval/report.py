@@ -38,6 +38,9 @@ LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HASS_BASES = ("math", "chat", "code", "mixed")
 STAGES = ("main", "three", "hass", "text", "sweep", "peers")
 MATH_SETS = ("gsm_symbolic", "mathematics", "svamp_like")
+# beside the peers: the fixed 16-node tree of the acceptance tables, and the adaptive tree (--tree auto) with
+# the neural drafters and with the weightless prompt-lookup drafter (taps.lookup)
+PEER_STRATEGIES = "single:math,confidence,merged,single:math@auto,confidence@auto,merged@auto,single:lookup@auto"
 # --install-peers: the library alone (no llava, tools, examples, tests, server): about 12 min on 2 cores
 LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
                         "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")
@@ -52,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperatures", default=None, help="comma list (default 0,1; quick: 0)")
     ap.add_argument("--datasets", default=",".join(DATASETS), help="prompt sets (eval/prompts/NAME.jsonl)")
     ap.add_argument("--skip", default="", help=f"comma list of stages to skip: {','.join(STAGES)}")
-    ap.add_argument("--peer-strategies", default="single:math,confidence,merged",
-                    help="TAPS strategies timed beside the peers (taps:none is always included)")
+    ap.add_argument("--peer-strategies", default=PEER_STRATEGIES,
+                    help="TAPS strategies timed beside the peers (taps:none is always included); "
+                         "STRATEGY@auto: with the adaptive tree of --tree auto")
     ap.add_argument("--peers-bf16", action="store_true", help="also time HF generate in bfloat16")
     ap.add_argument("--install-peers", action="store_true", help="pip install llama-cpp-python if missing (a source build: ~12 min on 2 idle cores)")
     ap.add_argument("--drafter-dir", default=str(REPO / "drafters"))
@@ -201,10 +205,11 @@ class Runner:
                                text=True, env=env)
             if p.returncode != 0:
                 skipped["llama.cpp install"] = p.stderr.strip()[-500:]
-        engine, info = self.engine(["math", "chat", "mixed", "averaged"])
+        engine, info = self.engine(["math", "chat", "mixed", "averaged", "lookup"])
         eos = self.verifier.eos_token_ids
+        memo: dict = {}  # start-up cost measurements shared by the @auto systems
         systems = [taps_peer(engine, "none", ["math", "chat"])]
-        systems += [taps_peer(engine, s.strip(), ["math", "chat"])
+        systems += [taps_peer(engine, s.strip(), ["math", "chat"], memo=memo)
                     for s in self.args.peer_strategies.split(",") if s.strip() and s.strip() != "none"]
         _, vdir = resolve_verifier(self.args.verifier)
         systems += hf_peers(vdir, eos, parse_dtype(self.args.dtype), device=self.args.device)

@@ -173,13 +173,18 @@ def test_peers_hf_greedy_and_prompt_lookup_equal_taps_none(tiny_hf):
 
     vdir, verifier, engine = tiny_hf
     torch.set_num_threads(2)
-    systems = [taps_peer(engine, "none", ["math", "chat"]), taps_peer(engine, "merged", ["math", "chat"])]
+    systems = [taps_peer(engine, "none", ["math", "chat"]), taps_peer(engine, "merged", ["math", "chat"]),
+               taps_peer(engine, "merged@auto", ["math", "chat"])]
+    with pytest.raises(ValueError, match="tree mode"):
+        taps_peer(engine, "merged@big", ["math", "chat"])
     systems += hf_peers(vdir, verifier.eos_token_ids)
     prompts = [verifier.encode_chat([{"role": "user", "content": t}])
                for t in ("What is 3 plus 4?", "Write a haiku about the sea.")]
     rows = run_peers(systems, {"gsm": prompts}, 16, progress=False)
     by = {r["system"]: r for r in rows}
-    assert set(by) == {"taps:none", "taps:merged", "hf_greedy", "hf_prompt_lookup"}
+    assert set(by) == {"taps:none", "taps:merged", "taps:merged@auto", "hf_greedy", "hf_prompt_lookup"}
+    assert by["taps:merged@auto"]["tree"] == "auto" and by["taps:merged"]["tree"] == "fixed"
+    assert "merged" not in engine.policies  # the adaptive system has an engine of its own
     for name, r in by.items():  # the same greedy tokens on every system, prompt by prompt
         assert r["same_tokens_as_reference"] == 2, name
         assert r["n_tokens"] > 2 and r["tokens_per_s"] > 0
