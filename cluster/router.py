@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.grpc_client import DrafterClient, DrafterError
-from taps.adaptive import SKIP, TreePolicy
+from taps.adaptive import TreePolicy, plan_trees
 from taps.compose import Strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.engine import Decoding
@@ -87,8 +87,8 @@ async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int]
     """Async generator of emitted token lists; the final Decoding is yielded last as ("done", state).
 
     With `policy` (`tree.mode: auto`) each step's tree comes from the policy, which learns every
-    arm's wall time from these steps; a SKIP step sends no drafts (the drafters catch up on the
-    pairs at their next step)."""
+    arm's wall time from these steps; a SKIP step sends no drafts, a solo plan drafts with one drafter
+    (the others catch up on the pairs at their next step)."""
     import ray
 
     rid = request_id or uuid.uuid4().hex
@@ -112,8 +112,11 @@ async def decode(verifier, links: dict[str, _DrafterLink], prompt_ids: list[int]
             step_tree = policy.choose() if policy else tree
             tokens, hidden = state.drafter_inputs()
             history.add(tokens, hidden)
-            order = [n for n in strategy.drafters if n in links] if step_tree is not SKIP else []
-            results = await asyncio.gather(*(_draft(links[n], rid, history, step_tree, deadline_s, on_error)
+            # per drafter: its tree this step, or None (SKIP, or a plan it sits out of: not called,
+            # it catches up on the pairs at its next step)
+            plan = dict(zip(strategy.drafters, plan_trees(step_tree, len(strategy.drafters))))
+            order = [n for n in strategy.drafters if n in links and plan[n] is not None]
+            results = await asyncio.gather(*(_draft(links[n], rid, history, plan[n], deadline_s, on_error)
                                              for n in order))
             trees = [t for t in results if t is not None]
             chosen = state.choose(trees)

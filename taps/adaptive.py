@@ -11,6 +11,15 @@ observed (UCB1). Lossless either way: the tree shape never affects the output.
 alone), so a strategy whose drafts do not pay for their cost on this machine falls back to
 plain decoding instead of running slower than it. A merged strategy gets one node budget per
 step split across its drafters (each drafts (budget - 1) / n nodes), not n full trees.
+
+A merged strategy also gets **solo arms**: a step plan (a tuple with one entry per drafter of the
+strategy, `None` for a drafter that sits the step out) that gives the whole step to one drafter.
+Drafts differ in cost (a neural draft head costs a decoder layer per depth, the prompt-lookup
+drafter next to nothing) and in how often they are accepted on the request at hand, so the policy
+learns whether merging pays or one drafter's tree does, instead of paying every drafter every
+step. (Measured in docs/performance.md: it pays for merged with the lookup drafter; routed
+strategies already verify one tree, and solo arms there only added exploration, so they do not
+get them. The engine and the router run a plan for any strategy.)
 """
 
 from __future__ import annotations
@@ -38,16 +47,51 @@ def split_tree(budget: TreeConfig, n_drafters: int) -> TreeConfig:
     return TreeConfig(depth=min(budget.depth, per), top_k=min(budget.top_k, per), total_tokens=per + 1)
 
 
-def verified_size(cfg: TreeConfig | None, n_drafters: int, merged: bool) -> int:
-    """Nodes the verifier runs per step: root + every drafter's nodes when merged."""
-    if cfg is None:
+Plan = tuple  # (TreeConfig | None, ...): one entry per drafter of the strategy; None sits the step out
+
+
+def plan_trees(arm: TreeConfig | Plan | None, n_drafters: int) -> list[TreeConfig | None]:
+    """Per-drafter trees of an arm: a TreeConfig applies to every drafter, SKIP to none, a plan as given."""
+    if isinstance(arm, tuple):
+        if len(arm) != n_drafters:
+            raise ValueError(f"step plan has {len(arm)} entries for {n_drafters} drafters")
+        return list(arm)
+    return [arm] * n_drafters
+
+
+def verified_size(cfg: TreeConfig | Plan | None, n_drafters: int, merged: bool) -> int:
+    """Nodes the verifier runs per step: root + every drafting drafter's nodes when merged, else the
+    largest tree (routing verifies one of them)."""
+    trees = [c for c in plan_trees(cfg, n_drafters) if c is not None]
+    if not trees:
         return 1
-    return 1 + (cfg.total_tokens - 1) * (n_drafters if merged else 1)
+    if merged:
+        return 1 + sum(c.total_tokens - 1 for c in trees)
+    return max(c.total_tokens for c in trees)
+
+
+def _draft_nodes(runner, tree: TreeConfig) -> int:
+    """Most draft nodes `runner` grows for `tree` (a prompt-lookup chain is at most tree.depth long)."""
+    f = getattr(runner, "max_nodes", None)
+    return f(tree) if f is not None else tree.total_tokens - 1
+
+
+def _trees_of(arm) -> list[TreeConfig]:
+    return [c for c in (arm if isinstance(arm, tuple) else (arm,)) if c is not None]
+
+
+def arm_label(arm: TreeConfig | Plan | None) -> str:
+    """'skip', 'd5/k4/n16', or a plan such as '-,d3/k2/n5' (per drafter; '-' sits out)."""
+    if arm is None:
+        return "skip"
+    if isinstance(arm, tuple):
+        return ",".join(arm_label(c) if c is not None else "-" for c in arm)
+    return f"d{arm.depth}/k{arm.top_k}/n{arm.total_tokens}"
 
 
 @dataclass
 class _Arm:
-    config: TreeConfig | None  # None: SKIP
+    config: TreeConfig | Plan | None  # None: SKIP; a tuple: per-drafter plan
     cost_s: float  # seconds per step (draft + verify) with this tree
     steps: int = 0
     tokens: float = 0.0  # tokens emitted per step, summed
@@ -73,8 +117,12 @@ class TreePolicy:
 
     @property
     def max_tree(self) -> TreeConfig:
-        trees = [a.config for a in self.arms if a.config is not None]
-        return max(trees, key=lambda c: c.total_tokens) if trees else TreeConfig(depth=1, top_k=1, total_tokens=2)
+        """The largest tree any drafter may grow in one step (sizes caches and reservations)."""
+        trees = [c for a in self.arms for c in _trees_of(a.config)]
+        if not trees:
+            return TreeConfig(depth=1, top_k=1, total_tokens=2)
+        return TreeConfig(depth=max(c.depth for c in trees), top_k=max(c.top_k for c in trees),
+                          total_tokens=max(c.total_tokens for c in trees))
 
     def choose(self) -> TreeConfig | None:
         with self._lock:
@@ -107,10 +155,17 @@ class TreePolicy:
         return max(self.arms, key=lambda a: a.mean_tokens() / a.cost_s).config
 
     def summary(self) -> list[dict]:
-        return [{"depth": a.config.depth if a.config else 0, "top_k": a.config.top_k if a.config else 0,
-                 "total_tokens": a.config.total_tokens if a.config else 1, "cost_ms": round(a.cost_s * 1000, 2), "steps": a.steps,
-                 "tokens_per_step": round(a.mean_tokens(), 3),
-                 "tokens_per_s": round(a.mean_tokens() / a.cost_s, 1)} for a in self.arms]
+        """One row per arm; depth / top_k / total_tokens are those of the arm's largest drafter tree."""
+        rows = []
+        for a in self.arms:
+            trees = _trees_of(a.config)
+            big = max(trees, key=lambda c: c.total_tokens) if trees else None
+            rows.append({"arm": arm_label(a.config), "depth": big.depth if big else 0,
+                         "top_k": big.top_k if big else 0, "total_tokens": big.total_tokens if big else 1,
+                         "cost_ms": round(a.cost_s * 1000, 2), "steps": a.steps,
+                         "tokens_per_step": round(a.mean_tokens(), 3),
+                         "tokens_per_s": round(a.mean_tokens() / a.cost_s, 1)})
+        return rows
 
 
 def measure_policy(verifier_model, drafter_runners: list, hidden_size: int, n_drafters_per_step: int = 1,
@@ -148,14 +203,18 @@ AUTO_MERGED_BUDGETS = (  # verified nodes per step, shared by all drafters of a 
 )
 
 
-def auto_candidates(strategy) -> list[TreeConfig | None]:
-    """Arms for a strategy: SKIP plus per-drafter trees (merged: budgets split across drafters)."""
+def auto_candidates(strategy) -> list[TreeConfig | Plan | None]:
+    """Arms for a strategy: SKIP plus per-drafter trees (merged: budgets split across drafters, and
+    each drafter alone: solo plans, one per AUTO_CANDIDATES tree)."""
     if strategy.kind == "none" or not strategy.drafters:
         return [SKIP]
-    if strategy.kind == "merged" and len(strategy.drafters) > 1:
-        cands = list(dict.fromkeys(split_tree(b, len(strategy.drafters)) for b in AUTO_MERGED_BUDGETS))
+    n = len(strategy.drafters)
+    if strategy.kind == "merged" and n > 1:
+        cands = list(dict.fromkeys(split_tree(b, n) for b in AUTO_MERGED_BUDGETS))
     else:
         cands = list(AUTO_CANDIDATES)
+    if strategy.kind == "merged" and n > 1:
+        cands += [tuple(c if j == i else None for j in range(n)) for i in range(n) for c in AUTO_CANDIDATES]
     return [SKIP] + cands
 
 
@@ -163,9 +222,9 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
                 parallel: bool = False, memo: dict | None = None, **policy_kw) -> TreePolicy:
     """Measure each arm's step cost for `strategy` on this machine and build its TreePolicy.
 
-    Cost of an arm = drafting (every drafter of the strategy drafts each step: summed, or the
-    slowest one with `parallel`) + one verifier forward over the verified tree (merged: the
-    root plus all drafters' nodes). SKIP costs a one-token forward. `memo` (any dict) shares
+    Cost of an arm = drafting (every drafter the arm drafts with: summed, or the slowest one with
+    `parallel`) + one verifier forward over the verified tree (merged: the root plus all drafting
+    drafters' nodes). SKIP costs a one-token forward. `memo` (any dict) shares
     measurements between the policies of one engine.
     """
     from taps.costmodel import measure_drafter, measure_verifier
@@ -173,15 +232,17 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
     memo = {} if memo is None else memo
     cands = list(candidates) if candidates is not None else auto_candidates(strategy)
     n, merged = len(drafter_runners), strategy.kind == "merged"
-    sizes = sorted({verified_size(c, n, merged) for c in cands} | {1})
+
+    def size(arm) -> int:  # nodes verified: a drafter's tree may be smaller than its config (prompt lookup)
+        nodes = [_draft_nodes(r, t) for r, t in zip(drafter_runners, plan_trees(arm, n)) if t is not None]
+        return 1 + (sum(nodes) if merged else max(nodes, default=0))
+
+    sizes = sorted({size(c) for c in cands} | {1})
     missing = [s for s in sizes if ("verify", id(verifier_model), s) not in memo]
     if missing:
         table = measure_verifier(verifier_model, sizes=missing, repeats=repeats)
         for s, sec in zip(table.sizes, table.seconds):
             memo[("verify", id(verifier_model), s)] = sec
-
-    def verify_s(size: int) -> float:
-        return memo[("verify", id(verifier_model), size)]
 
     def draft_s(runner, c: TreeConfig) -> float:
         key = ("draft", id(runner), c)
@@ -191,11 +252,9 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
 
     costs: dict = {}
     for c in cands:
-        if c is None:
-            costs[c] = verify_s(1)
-            continue
-        drafts = [draft_s(r, c) for r in drafter_runners]
-        costs[c] = (max(drafts) if parallel else sum(drafts)) + verify_s(verified_size(c, n, merged))
+        drafts = [draft_s(r, t) for r, t in zip(drafter_runners, plan_trees(c, n)) if t is not None]
+        costs[c] = ((max(drafts, default=0.0) if parallel else sum(drafts))
+                    + memo[("verify", id(verifier_model), size(c))])
     return TreePolicy(costs, **policy_kw)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from taps.adaptive import TreePolicy
+from taps.adaptive import TreePolicy, plan_trees
 from taps.compose import Strategy, compose
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
@@ -148,7 +148,10 @@ class TapsEngine:
                 t1 = time.perf_counter()
                 tree_cfg = policy.choose() if policy else self.tree
                 tokens, hidden = state.drafter_inputs()
-                trees = [self.drafters[d].draft(rid, tokens, hidden, tree_cfg) for d in strategy.drafters]
+                # a drafter sitting the step out (None) queues the pairs and returns a root-only tree,
+                # which merging adds nothing to and routing never picks
+                trees = [self.drafters[d].draft(rid, tokens, hidden, t)
+                         for d, t in zip(strategy.drafters, plan_trees(tree_cfg, len(strategy.drafters)))]
                 tree = state.choose(trees)
                 t2 = time.perf_counter()
                 result = self.verifier.verify(rid, tree, sampling, gen)

@@ -66,6 +66,10 @@ class PromptLookupRunner:
         return {"name": self.name, "domain": "any", "objective": "prompt-lookup", "trained": True,
                 "verifier": None, "hidden_size": self.hidden_size, "vocab_size": None, "draft_vocab_size": 0}
 
+    def max_nodes(self, tree: TreeConfig) -> int:
+        """Most draft nodes for `tree`: one chain (the cost model verifies this many, not total_tokens)."""
+        return min(self.max_draft, tree.depth, tree.total_tokens - 1)
+
     def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor | None, tree: TreeConfig | None,
               start: int | None = None) -> DraftTree:
         new = [int(t) for t in tokens.tolist()]
@@ -80,7 +84,7 @@ class PromptLookupRunner:
         root = hist[-1]
         if tree is None:
             return DraftTree.root_only(root, self.name)
-        cont = self.propose(hist, min(self.max_draft, tree.depth, tree.total_tokens - 1))
+        cont = self.propose(hist, self.max_nodes(tree))
         n = len(cont) + 1
         return DraftTree(
             tokens=torch.tensor([root] + cont, dtype=torch.long),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps.adaptive import (SKIP, TreePolicy, attach_auto_policies, auto_candidates, auto_policy, split_tree,
-                           verified_size)
+from taps.adaptive import (AUTO_CANDIDATES, SKIP, TreePolicy, arm_label, attach_auto_policies, auto_candidates,
+                           auto_policy, plan_trees, split_tree, verified_size)
 from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
@@ -43,10 +43,26 @@ def test_auto_candidates_are_valid_and_include_skip():
     for s in (merged, single, parse_strategy("confidence", ["a", "b"])):
         cands = auto_candidates(s)
         assert cands[0] is SKIP and len(cands) >= 3
-        assert all(isinstance(c, TreeConfig) for c in cands[1:])
+        trees = [c for c in cands[1:] if not isinstance(c, tuple)]
+        plans = [c for c in cands[1:] if isinstance(c, tuple)]
+        assert trees and all(isinstance(c, TreeConfig) for c in trees)
+        if s.kind != "merged":  # single and routed strategies: no solo plans
+            assert not plans
+            continue
+        # solo plans: each drafter alone, with every candidate tree, the other sitting out
+        for i in range(2):
+            solo = [p for p in plans if p[i] is not None]
+            assert {p[i] for p in solo} == set(AUTO_CANDIDATES) and all(p[1 - i] is None for p in solo)
+        assert len(plans) == 2 * len(AUTO_CANDIDATES)
     # a merged step verifies about what a single tree would, not n full trees
     assert max(verified_size(c, 2, True) for c in auto_candidates(merged)) <= 17
     assert max(verified_size(c, 1, False) for c in auto_candidates(single)) == 16
+    solo = (None, TreeConfig(depth=3, top_k=2, total_tokens=5))
+    assert verified_size(solo, 2, True) == verified_size(solo, 2, False) == 5
+    assert plan_trees(solo, 2) == list(solo) and plan_trees(SKIP, 2) == [None, None]
+    with pytest.raises(ValueError, match="entries"):
+        plan_trees(solo, 3)
+    assert [arm_label(c) for c in (SKIP, solo[1], solo)] == ["skip", "d3/k2/n5", "-,d3/k2/n5"]
 
 
 def test_policy_with_skip_arm():
@@ -99,11 +115,14 @@ def test_auto_policy_is_lossless(tiny, spec):
     assert sum(a["steps"] for a in pols[strat.name].summary()) >= 2 * 10  # every step went through the policy
 
 
-def test_every_arm_is_lossless_including_forced_skips(tiny):
-    """SKIP, small and large trees alternating within one request: output equals greedy decoding."""
+@pytest.mark.parametrize("spec", ["merged", "confidence", "entropy"])
+def test_every_arm_is_lossless_including_forced_skips(tiny, spec):
+    """SKIP, small and large trees and solo plans alternating within one request: output equals greedy
+    decoding."""
     rs = runners(tiny)
-    strat = parse_strategy("merged", ["a", "b"])
-    cands = auto_candidates(strat)
+    strat = parse_strategy(spec, ["a", "b"])
+    cands = auto_candidates(parse_strategy("merged", ["a", "b"]))  # every kind of arm, solo plans included
+    assert any(isinstance(c, tuple) for c in cands)
 
     class RoundRobin(TreePolicy):
         i = 0
@@ -113,7 +132,7 @@ def test_every_arm_is_lossless_including_forced_skips(tiny):
             return cands[self.i % len(cands)]
 
     pol = RoundRobin({c: 0.01 for c in cands})
-    eng = TapsEngine(VerifierRunner(tiny, max_len=512), rs, TreeConfig(), [], policies={"merged": pol})
+    eng = TapsEngine(VerifierRunner(tiny, max_len=512), rs, TreeConfig(), [], policies={strat.name: pol})
     res = eng.generate(PROMPT, strat, SamplingConfig(), 48)
     assert res.token_ids == greedy_reference(tiny, PROMPT, 48)
     # sampled decoding with skips runs too (the distribution tests cover the acceptance rule itself)
@@ -186,7 +205,7 @@ def test_online_policy_learns_costs_from_observed_step_times():
     strat = parse_strategy("merged", ["a", "b"])
     pol = online_policy(strat, warmup=1)
     assert [a.config for a in pol.arms] == auto_candidates(strat) and pol.online
-    big = max((a for a in pol.arms if a.config is not None), key=lambda a: a.config.total_tokens)
+    big = max((a for a in pol.arms if isinstance(a.config, TreeConfig)), key=lambda a: a.config.total_tokens)
     for _ in range(3):  # the big tree emits 3 tokens but its steps take 10x as long as SKIP's 1 token
         pol.observe(SKIP, 1, seconds=0.01)
         pol.observe(big.config, 3, seconds=0.1)
@@ -194,3 +213,21 @@ def test_online_policy_learns_costs_from_observed_step_times():
     fixed = TreePolicy({SKIP: 0.5}, warmup=1)
     fixed.observe(SKIP, 1, seconds=0.01)  # offline policies keep their start-up cost model
     assert fixed.arms[0].cost_s == 0.5
+
+
+def test_cost_model_verifies_a_lookup_chain_not_its_tree_budget(tiny):
+    """A prompt-lookup drafter grows one chain of at most `depth` nodes, so its arms are costed with that
+    many verified nodes, not the tree budget; a drafter sitting a plan out costs nothing."""
+    from taps.lookup import PromptLookupRunner
+
+    lk = PromptLookupRunner()
+    big = TreeConfig(depth=5, top_k=4, total_tokens=16)
+    assert lk.max_nodes(big) == 5 and lk.max_nodes(TreeConfig(depth=3, top_k=2, total_tokens=3)) == 2
+    strat = parse_strategy("merged", ["a", "lookup"])
+    memo: dict = {}
+    a = runners(tiny)["a"]
+    pol = auto_policy(tiny, [a, lk], strat, repeats=1, memo=memo)
+    cost = {arm.config: arm.cost_s for arm in pol.arms}
+    assert cost[(None, big)] == pytest.approx(memo[("verify", id(tiny), 6)] + memo[("draft", id(lk), big)])
+    assert cost[(big, None)] == pytest.approx(memo[("verify", id(tiny), 16)] + memo[("draft", id(a), big)])
+    assert cost[SKIP] == pytest.approx(memo[("verify", id(tiny), 1)])
