@@ -123,16 +123,20 @@ def llama_cpp_peers(gguf: str | Path, eos_ids: list[int], threads: int = 2, n_ct
 def taps_peer(engine, strategy_spec: str, drafter_names: list[str], memo: dict | None = None) -> Peer:
     """The in-process TAPS engine as one more system (temperature 0).
 
-    `STRATEGY@auto` times the strategy with the adaptive tree policy of `--tree auto` (its arm costs
-    measured here at start-up, `taps.adaptive.auto_policy`; `memo` shares them between peers) on an
-    engine of its own over the same verifier and drafter runners; without it the engine's fixed tree."""
+    Spelling: `STRATEGY[/D1+D2+...][@auto]`. `/D1+D2` names the drafters of a confidence, entropy or
+    merged strategy (default: `drafter_names`). `@auto` times the strategy with the adaptive tree
+    policy of `--tree auto` (its arm costs measured here at start-up, `taps.adaptive.auto_policy`;
+    `memo` shares them between peers) on an engine of its own over the same verifier and drafter
+    runners; without it the engine's fixed tree."""
     from taps.compose import parse_strategy
     from taps.config import SamplingConfig
 
     spec, _, mode = strategy_spec.partition("@")
     if mode not in ("", "auto"):
         raise ValueError(f"unknown tree mode {mode!r} in {strategy_spec!r} (STRATEGY or STRATEGY@auto)")
-    strat = parse_strategy(spec, drafter_names, available=list(engine.drafters))
+    spec, _, names = spec.partition("/")
+    drafters = [d for d in names.split("+") if d] if names else list(drafter_names)
+    strat = parse_strategy(spec, drafters, available=list(engine.drafters))
     if mode == "auto":
         from taps.adaptive import auto_policy
         from taps.engine import TapsEngine
@@ -141,7 +145,7 @@ def taps_peer(engine, strategy_spec: str, drafter_names: list[str], memo: dict |
                              memo=memo)
         engine = TapsEngine(engine.verifier, engine.drafters, engine.tree, sorted(engine.eos_ids),
                             policies={strat.name: policy})
-    name = f"taps:{strat.name}" + ("@auto" if mode else "")
+    name = f"taps:{strat.name}" + (f"/{'+'.join(strat.drafters)}" if names else "") + ("@auto" if mode else "")
 
     def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         return engine.generate(prompt_ids, strat, SamplingConfig(temperature=0.0, seed=0), max_new_tokens).token_ids

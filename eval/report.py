@@ -39,8 +39,9 @@ HASS_BASES = ("math", "chat", "code", "mixed")
 STAGES = ("main", "three", "hass", "text", "sweep", "peers")
 MATH_SETS = ("gsm_symbolic", "mathematics", "svamp_like")
 # beside the peers: the fixed 16-node tree of the acceptance tables, and the adaptive tree (--tree auto) with
-# the neural drafters and with the weightless prompt-lookup drafter (taps.lookup)
-PEER_STRATEGIES = "single:math,confidence,merged,single:math@auto,confidence@auto,merged@auto,single:lookup@auto"
+# the neural drafters, the weightless prompt-lookup drafter (taps.lookup) alone and as a third drafter
+PEER_STRATEGIES = ("single:math,confidence,merged,single:math@auto,confidence@auto,merged@auto,single:lookup@auto,"
+                   "confidence/math+chat+lookup@auto,merged/math+chat+lookup@auto")
 # --install-peers: the library alone (no llava, tools, examples, tests, server): about 12 min on 2 cores
 LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
                         "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")

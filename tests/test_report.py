@@ -174,7 +174,8 @@ def test_peers_hf_greedy_and_prompt_lookup_equal_taps_none(tiny_hf):
     vdir, verifier, engine = tiny_hf
     torch.set_num_threads(2)
     systems = [taps_peer(engine, "none", ["math", "chat"]), taps_peer(engine, "merged", ["math", "chat"]),
-               taps_peer(engine, "merged@auto", ["math", "chat"])]
+               taps_peer(engine, "merged@auto", ["math", "chat"]),
+               taps_peer(engine, "confidence/chat+math@auto", ["math", "chat"])]
     with pytest.raises(ValueError, match="tree mode"):
         taps_peer(engine, "merged@big", ["math", "chat"])
     systems += hf_peers(vdir, verifier.eos_token_ids)
@@ -182,7 +183,9 @@ def test_peers_hf_greedy_and_prompt_lookup_equal_taps_none(tiny_hf):
                for t in ("What is 3 plus 4?", "Write a haiku about the sea.")]
     rows = run_peers(systems, {"gsm": prompts}, 16, progress=False)
     by = {r["system"]: r for r in rows}
-    assert set(by) == {"taps:none", "taps:merged", "taps:merged@auto", "hf_greedy", "hf_prompt_lookup"}
+    assert set(by) == {"taps:none", "taps:merged", "taps:merged@auto", "taps:confidence/chat+math@auto", "hf_greedy",
+                       "hf_prompt_lookup"}
+    assert by["taps:confidence/chat+math@auto"]["drafters"] == ["chat", "math"]
     assert by["taps:merged@auto"]["tree"] == "auto" and by["taps:merged"]["tree"] == "fixed"
     assert "merged" not in engine.policies  # the adaptive system has an engine of its own
     for name, r in by.items():  # the same greedy tokens on every system, prompt by prompt
