@@ -49,7 +49,8 @@ LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--limit", type=int, default=None, help="prompts per set (default 3; --quick: 1)")
+    ap.add_argument("--limit", type=int, default=1,
+                    help="prompts per set (default 1: the whole report in about 40 min on 2 idle cores)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generation (default 64; quick: 16)")
     ap.add_argument("--out-dir", default=None, help="where results.md and results/ go (default docs; quick: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per set, 16 tokens, T=0 only")
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(see the GPU notes in docs/results.md)")
     ap.add_argument("--from-results", action="store_true", help="only re-render from OUT/results/*.json")
     args = ap.parse_args(argv)
-    args.limit = args.limit or (1 if args.quick else 3)
+    if args.limit < 1:
+        ap.error("--limit must be at least 1")
     args.max_new_tokens = args.max_new_tokens or (16 if args.quick else 64)
     args.temperatures = [float(t) for t in (args.temperatures or ("0" if args.quick else "0,1")).split(",") if t]
     if args.out_dir is None:
