@@ -59,19 +59,18 @@ def plan_trees(arm: TreeConfig | Plan | None, n_drafters: int) -> list[TreeConfi
     return [arm] * n_drafters
 
 
-def verified_size(cfg: TreeConfig | Plan | None, n_drafters: int, merged: bool) -> int:
+def verified_size(cfg: TreeConfig | Plan | None, n_drafters: int, merged: bool, runners=None) -> int:
     """Nodes the verifier runs per step: root + every drafting drafter's nodes when merged, else the
-    largest tree (routing verifies one of them)."""
-    trees = [c for c in plan_trees(cfg, n_drafters) if c is not None]
-    if not trees:
-        return 1
-    if merged:
-        return 1 + sum(c.total_tokens - 1 for c in trees)
-    return max(c.total_tokens for c in trees)
+    largest tree (routing verifies one of them). With `runners` (one per drafter) a drafter counts the
+    nodes it really grows for its tree (a prompt-lookup chain: at most `depth`), else the tree budget."""
+    nodes = [_draft_nodes(r, t) for r, t in zip(runners or [None] * n_drafters, plan_trees(cfg, n_drafters))
+             if t is not None]
+    return 1 + (sum(nodes) if merged else max(nodes, default=0))
 
 
 def _draft_nodes(runner, tree: TreeConfig) -> int:
-    """Most draft nodes `runner` grows for `tree` (a prompt-lookup chain is at most tree.depth long)."""
+    """Most draft nodes `runner` (None: any neural drafter) grows for `tree` (a prompt-lookup chain is
+    at most tree.depth long)."""
     f = getattr(runner, "max_nodes", None)
     return f(tree) if f is not None else tree.total_tokens - 1
 
@@ -209,13 +208,11 @@ def auto_candidates(strategy) -> list[TreeConfig | Plan | None]:
     if strategy.kind == "none" or not strategy.drafters:
         return [SKIP]
     n = len(strategy.drafters)
-    if strategy.kind == "merged" and n > 1:
-        cands = list(dict.fromkeys(split_tree(b, n) for b in AUTO_MERGED_BUDGETS))
-    else:
-        cands = list(AUTO_CANDIDATES)
-    if strategy.kind == "merged" and n > 1:
-        cands += [tuple(c if j == i else None for j in range(n)) for i in range(n) for c in AUTO_CANDIDATES]
-    return [SKIP] + cands
+    if strategy.kind != "merged" or n == 1:
+        return [SKIP] + list(AUTO_CANDIDATES)
+    budgets = list(dict.fromkeys(split_tree(b, n) for b in AUTO_MERGED_BUDGETS))
+    solos = [tuple(c if j == i else None for j in range(n)) for i in range(n) for c in AUTO_CANDIDATES]
+    return [SKIP] + budgets + solos
 
 
 def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None, repeats: int = 3,
@@ -232,12 +229,8 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
     memo = {} if memo is None else memo
     cands = list(candidates) if candidates is not None else auto_candidates(strategy)
     n, merged = len(drafter_runners), strategy.kind == "merged"
-
-    def size(arm) -> int:  # nodes verified: a drafter's tree may be smaller than its config (prompt lookup)
-        nodes = [_draft_nodes(r, t) for r, t in zip(drafter_runners, plan_trees(arm, n)) if t is not None]
-        return 1 + (sum(nodes) if merged else max(nodes, default=0))
-
-    sizes = sorted({size(c) for c in cands} | {1})
+    size = {c: verified_size(c, n, merged, drafter_runners) for c in cands}
+    sizes = sorted(set(size.values()) | {1})
     missing = [s for s in sizes if ("verify", id(verifier_model), s) not in memo]
     if missing:
         table = measure_verifier(verifier_model, sizes=missing, repeats=repeats)
@@ -254,7 +247,7 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
     for c in cands:
         drafts = [draft_s(r, t) for r, t in zip(drafter_runners, plan_trees(c, n)) if t is not None]
         costs[c] = ((max(drafts, default=0.0) if parallel else sum(drafts))
-                    + memo[("verify", id(verifier_model), size(c))])
+                    + memo[("verify", id(verifier_model), size[c])])
     return TreePolicy(costs, **policy_kw)
 
 
