@@ -5,7 +5,8 @@
 #
 #   bash scripts/train_drafters.sh [CONFIG ...]       # default: the shipped set (see CONFIGS below)
 #
-# Environment: MATH_N / CHAT_N / CODE_N (conversations distilled); TRAIN_LOCAL=0 to train as Ray jobs, with
+# Environment: MATH_N / CHAT_N / CODE_N (conversations distilled; MATH_MORE_N / CODE_MORE_N more after them, for
+# the math and code drafters only); TRAIN_LOCAL=0 to train as Ray jobs, with
 # NUM_CPUS (the Ray cluster started here) or RAY_ADDRESS (a running cluster's job server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
 MATH_N=${MATH_N:-512}
 CHAT_N=${CHAT_N:-320}
 CODE_N=${CODE_N:-128}
+MATH_MORE_N=${MATH_MORE_N:-768}
+CODE_MORE_N=${CODE_MORE_N:-192}
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(math_eagle2 chat_eagle2 code_eagle2 math_hass chat_hass mixed_eagle2 mixed_hass
                                      math_text_eagle2)
@@ -35,6 +38,11 @@ python -m training.distill --input runs/data/chat_first.jsonl --output runs/data
   --max-new-tokens 192 --batch-size 16 --threads 1 --limit "$CHAT_N"
 python -m training.distill --input runs/data/code_first.jsonl --output runs/data/code_distilled.jsonl \
   --max-new-tokens 192 --batch-size 16 --threads 1 --limit "$CODE_N"
+# more data for the math and code drafters (mixed and the HASS drafters keep the first MATH_N / CODE_N)
+python -m training.distill --input runs/data/math.jsonl --output runs/data/math_more_distilled.jsonl \
+  --max-new-tokens 256 --batch-size 16 --threads 1 --offset "$MATH_N" --limit "$MATH_MORE_N"
+python -m training.distill --input runs/data/code_first.jsonl --output runs/data/code_more_distilled.jsonl \
+  --max-new-tokens 192 --batch-size 16 --threads 1 --offset "$CODE_N" --limit "$CODE_MORE_N"
 # 3. one draft vocabulary for math, chat and mixed (weight averaging needs identical token maps)
 [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --size 8192 \
   --data runs/data/math_distilled.jsonl runs/data/chat_distilled.jsonl --map-out runs/vocab/shared-8192.json
@@ -65,12 +73,14 @@ for c in "${CONFIGS[@]}"; do
   if [ -f "$out/drafter.json" ]; then echo "== $c: $out exists, skipped"; continue; fi
   echo "== $c"
   case $c in
-    math_eagle2|chat_eagle2)  # two 420 s sessions; the first one's drafter is where HASS starts from
-      d=${c%_eagle2}
-      [ -f "runs/drafters/${d}_420/drafter.json" ] || submit "$c" --output "runs/drafters/${d}_420"
-      submit "$c" ;;  # resumes from the last checkpoint: 420 s more
-    code_eagle2|math_text_eagle2)  # the same 2 x 420 s
-      submit "$c"; submit "$c" ;;
+    chat_eagle2)  # a first 420 s session (its drafter is where chat_hass starts), then resumed to 2,520 s in all
+      [ -f runs/drafters/chat_420/drafter.json ] || submit "$c" --set time_budget_s=420 --output runs/drafters/chat_420
+      submit "$c" ;;
+    math_eagle2)  # math_hass starts from 420 s on the first MATH_N conversations (as mixed); math: 2,520 s on all
+      [ -f runs/drafters/math_420/drafter.json ] || submit "$c" --set time_budget_s=420 \
+        --set checkpoint_dir=runs/train_420 --output runs/drafters/math_420 \
+        --set 'data={conversations: [runs/data/math_distilled.jsonl], features: [runs/features/math]}'
+      submit "$c" ;;
     mixed_hass)  # 420 s of the mixed EAGLE-2 recipe, then 420 s HASS from there (as math_hass / chat_hass)
       [ -f runs/drafters/mixed_420/drafter.json ] || submit mixed_eagle2 --set name=mixed_420 \
         --set time_budget_s=420 --output runs/drafters/mixed_420

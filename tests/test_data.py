@@ -315,6 +315,35 @@ def test_regenerate_responses_batched_and_single():
         regenerate_responses(convs, lambda ps: [])
 
 
+def test_distill_file_offset_limit_and_resume(tmp_path, monkeypatch):
+    """--offset/--limit select a slice (more data in a second file); a kill loses at most one chunk."""
+    import training.distill as distill
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"c{i}", "domain": "math", "messages": [
+        {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "old"}]}) + "\n" for i in range(8)))
+    seen = []
+
+    def fake_make(*args, **kwargs):
+        def gen(prefixes):
+            seen.extend(p[-1]["content"] for p in prefixes)
+            return ["new " + p[-1]["content"] for p in prefixes]
+        return gen
+
+    monkeypatch.setattr(distill, "make_generate_fn", fake_make)
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_text(json.dumps({"id": "c2", "domain": "math", "messages": [
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "new q2"}]}) + "\n")  # one done
+    distill.distill_file(inp, out, limit=3, offset=2, chunk=1)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c2", "c3", "c4"] and seen == ["q3", "q4"]
+    assert [r["messages"][1]["content"] for r in rows] == ["new q2", "new q3", "new q4"]
+    assert not partial.exists()
+    with pytest.raises(ValueError):
+        distill.distill_file(inp, tmp_path / "neg.jsonl", offset=-1)
+
+
 # -------------------------------------------------------------------------------------- CLI
 
 def test_build_cli_writes_rows(tmp_path):

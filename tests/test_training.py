@@ -346,6 +346,40 @@ def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
     assert a == b  # bit-identical weights
 
 
+def test_time_budget_counts_earlier_sessions(tmp_path):
+    """time_budget_s is the training time in all: a rerun after a kill trains only what is left of it."""
+    root = _workspace(tmp_path)
+    r = _train(root, "--stop-after-steps", "3", check=False)  # killed after step 3; last checkpoint: step 2
+    assert r.returncode == 3, r.stderr[-2000:]
+    spent = json.loads((root / "runs/tiny/checkpoints/tiny/local/step-000002/complete.json").read_text())
+    assert spent["train_time_s"] > 0
+    r = _train(root, "--set", f"time_budget_s={spent['train_time_s'] / 2}")
+    assert "already spent" in r.stderr and json.loads(r.stdout.strip().splitlines()[-1])["step"] == 2
+    meta = json.loads((root / "runs/tiny/drafter/drafter.json").read_text())["training"]
+    assert meta["steps"] == 2 and meta["train_time_s"] >= spent["train_time_s"]
+
+
+def test_features_extracted_per_conversation_file(tmp_path):
+    """One feature directory per conversation file: adding a file extracts only that file."""
+    from training.train_drafter import TrainConfig, prepare
+
+    root = _workspace(tmp_path)
+    lines = (root / "runs/tiny/conversations.jsonl").read_text().splitlines(keepends=True)
+    (root / "a.jsonl").write_text("".join(lines[:3]))
+    (root / "b.jsonl").write_text("".join(lines[3:5]))
+    cfg = TrainConfig.load(ROOT / "training/configs/tiny.yaml", root)
+    one = TrainConfig.from_dict({**cfg.to_dict(), "data": {"conversations": [str(root / "a.jsonl")],
+                                                           "features": [str(root / "fa")]}})
+    prepare(one)
+    before = (root / "fa/manifest.json").read_bytes()
+    both = TrainConfig.from_dict({**cfg.to_dict(), "data": {
+        "conversations": [str(root / "a.jsonl"), str(root / "b.jsonl")],
+        "features": [str(root / "fa"), str(root / "fb")]}})
+    prepare(both)
+    assert (root / "fa/manifest.json").read_bytes() == before  # untouched
+    assert json.loads((root / "fb/manifest.json").read_text())["sequences"] == 2
+
+
 def test_bad_configs_fail_clearly(tmp_path):
     import yaml
 

@@ -169,9 +169,9 @@ def regenerate(conversations: list[dict], generate_fn) -> list[dict]:
 
 def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, max_new_tokens: int = 256,
                  batch_size: int = 16, temperature: float = 0.0, seed: int = 0, limit: int | None = None,
-                 dtype: str = "bfloat16", chunk: int = 64, backend: str = "taps") -> Path:
-    """Regenerate `inp` into `out` (jsonl), in chunks appended to `out.partial` so a kill loses at most one
-    chunk; `out` appears (atomically) only when complete."""
+                 dtype: str = "bfloat16", chunk: int = 64, backend: str = "taps", offset: int = 0) -> Path:
+    """Regenerate conversations [offset, offset + limit) of `inp` into `out` (jsonl), in chunks appended to
+    `out.partial` so a kill loses at most one chunk; `out` appears (atomically) only when complete."""
     import json
     import os
 
@@ -180,7 +180,9 @@ def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, 
     out = Path(out)
     if out.exists():
         return out
-    convs = read_conversations([inp], limit)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    convs = read_conversations([inp], offset + limit if limit is not None else None)[offset:]
     partial = out.with_name(out.name + ".partial")
     done = sum(1 for _ in open(partial)) if partial.exists() else 0  # conversations already regenerated
     fn = make_generate_fn(verifier, max_new_tokens, batch_size, temperature, seed, dtype, backend=backend)
@@ -216,7 +218,9 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="regenerate at most this many conversations")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip this many conversations first (more data for a drafter, in a second file)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", choices=("taps", "hf"), default="taps",
@@ -234,7 +238,8 @@ def cli(argv: list[str] | None = None) -> int:
         if not Path(inp).exists():
             write_conversations(inp, fallback_conversations(args.fallback_domain, args.fallback_n, args.seed))
     out = distill_file(inp, args.output, args.verifier, args.max_new_tokens, args.batch_size,
-                       args.temperature, args.seed, args.limit, args.dtype, backend=args.backend)
+                       args.temperature, args.seed, args.limit, args.dtype, backend=args.backend,
+                       offset=args.offset)
     print(out)
     return 0
 

@@ -120,20 +120,27 @@ COMMANDS = {
 }
 
 NOTES = {  # how a drafter's budget was spent, for the Reproduce section of its card
-    "math": "EAGLE-2 runs two 420 s sessions (the second resumes); steps and wall time above are the totals "
-            "after the second, wall time that of the second.",
-    "chat": "EAGLE-2 runs two 420 s sessions (the second resumes); wall time above is the second's.",
+    "math": "EAGLE-2, one run of 2,520 s (time_budget_s, the shipped EAGLE-2 budget) on 1,280 self-distilled "
+            "math conversations: the 512 of math_distilled.jsonl (also in mixed) + 768 more "
+            "(math_more_distilled.jsonl). The script first makes runs/drafters/math_420 (420 s on the first 512), "
+            "where math_hass starts.",
+    "chat": "EAGLE-2: a first 420 s session (runs/drafters/chat_420, where chat_hass starts), resumed to 2,520 s "
+            "of training in all (sessions of 420 + 420 + 840 + 840 s); wall time above is the last session's. "
+            "It stops early at 30 epochs of its 320 conversations.",
+    "mixed": "EAGLE-2, 2,520 s of training in all (sessions of 840 s, each resuming the last) on the 512 math + "
+             "320 chat conversations; wall time above is the last session's.",
     "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
                  "the math_eagle2 run of the script) for 420 s with the HASS objective.",
     "chat_hass": "Fine-tunes the drafter of chat's first 420 s session (runs/drafters/chat_420) for 420 s "
                  "with the HASS objective.",
     "mixed_hass": "Fine-tunes runs/drafters/mixed_420 (420 s of the mixed EAGLE-2 recipe) for 420 s with "
                   "the HASS objective.",
-    "code": "Two EAGLE-2 sessions of up to 420 s (the second resumes) on 128 self-distilled ShareGPT first turns "
-            "that contain code (training/data split: sha256 of the conversation id, so no "
-            "eval/prompts/sharegpt_code.jsonl prompt is trained on); its own 8,192-token map.",
-    "math_text": "The same 512 math prompts as math, but the datasets' written answers instead of the "
-                 "verifier's (the paper's setting); two 420 s EAGLE-2 sessions."}
+    "code": "EAGLE-2, a 2,520 s budget (it stops early at 30 epochs) on 320 self-distilled ShareGPT first turns "
+            "that contain code, 128 (code_distilled.jsonl) + 192 more (code_more_distilled.jsonl) (training/data "
+            "split: sha256 of the conversation id, so no eval/prompts/sharegpt_code.jsonl prompt is trained on); "
+            "its own 8,192-token map.",
+    "math_text": "The same 512 math prompts as math_420 / mixed, but the datasets' written answers instead of the "
+                 "verifier's (the paper's setting); 840 s of EAGLE-2 (two 420 s sessions)."}
 
 def _data_kind(data: dict) -> str:
     """Self-distilled or dataset text, from the conversations (or, for features-only configs such as
@@ -172,7 +179,8 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
                   f" ({tr.get('sequences')} sequences, {tr.get('tokens')} tokens, {tr.get('assistant_tokens')} "
                   f"assistant tokens; " + _data_kind(tr.get("data", {})) + ")",
                   f"- steps: {tr.get('steps')} ({tr.get('epochs')} epochs), {tr.get('workers')} worker(s) x micro batch "
-                  f"{tr.get('micro_batch')}, max_len {tr.get('max_len')}; wall time {tr.get('wall_time_s')} s (CPU)",
+                  f"{tr.get('micro_batch')}, max_len {tr.get('max_len')}; wall time {tr.get('wall_time_s')} s (CPU)"
+                  + (f", {tr['train_time_s']} s of training in all sessions" if tr.get("train_time_s") else ""),
                   f"- final loss {tr.get('final_loss')}, top-1 agreement with the verifier on training positions "
                   f"{tr.get('final_acc')}"]
     if results:

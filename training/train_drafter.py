@@ -85,7 +85,8 @@ class TrainConfig:
     save_dtype: str = "bfloat16"  # dtype of the shipped weights
     log_every: int = 10  # optimizer steps between loss log lines
     deepspeed: dict = field(default_factory=dict)  # DeepSpeed config (or {"path": file.json})
-    time_budget_s: float = 0.0  # stop (checkpoint, then save) after this much training time; 0: none
+    time_budget_s: float = 0.0  # stop (checkpoint, then save) after this much training time in all, counted
+    # over resumed sessions (a rerun after a kill trains only what is left); 0: none
 
     @classmethod
     def from_dict(cls, d: dict, root: Path | None = None) -> "TrainConfig":
@@ -300,6 +301,7 @@ def train_worker(cfg_dict: dict) -> dict:
     # ------------------------------------------------------------ resume
     start = 0
     resumed_from = None
+    prior_s = 0.0  # training time of earlier sessions (checkpoints before this field count as 0)
     local_root = Path(cfg.checkpoint_dir) / cfg.name / "local"
     def check_identity(d: Path) -> None:
         f = Path(d) / "taps_checkpoint.json"
@@ -319,6 +321,7 @@ def train_worker(cfg_dict: dict) -> dict:
                 check_identity(Path(d))
                 _, client = engine.load_checkpoint(d, tag="ds")
                 start, resumed_from = int(client["step"]), str(ckpt.path)
+                prior_s = float(client.get("train_time_s", 0.0))
     else:
         for stale in local_root.glob("step-*.tmp*"):  # a save interrupted before its rename
             shutil.rmtree(stale, ignore_errors=True)
@@ -327,11 +330,12 @@ def train_worker(cfg_dict: dict) -> dict:
             check_identity(latest)
             _, client = engine.load_checkpoint(str(latest), tag="ds")
             start, resumed_from = int(client["step"]), str(latest)
+            prior_s = float(client.get("train_time_s", 0.0))
     if resumed_from and rank == 0:
-        log.info("resumed from %s at step %d / %d", resumed_from, start, total)
+        log.info("resumed from %s at step %d / %d after %.0f s of training", resumed_from, start, total, prior_s)
 
     def save_checkpoint(step: int, metrics: dict, final_drafter: bool = False) -> None:
-        client = {"step": step, "metrics": metrics}
+        client = {"step": step, "metrics": metrics, "train_time_s": round(prior_s + time.perf_counter() - t0, 1)}
         if use_ray:
             tmp = Path(tempfile.mkdtemp(prefix=f"taps-ckpt-{cfg.name}-r{rank}-"))
             engine.save_checkpoint(str(tmp), tag="ds", client_state=client)
@@ -368,7 +372,8 @@ def train_worker(cfg_dict: dict) -> dict:
             "steps": step, "epochs": round(step / steps_per_epoch, 3), "workers": world,
             "micro_batch": micro, "gradient_accumulation_steps": accum, "max_len": cfg.max_len,
             "final_loss": metrics.get("loss"), "final_acc": metrics.get("acc"), "seed": cfg.seed,
-            "wall_time_s": metrics.get("wall_time_s"), "deepspeed": ds, "config": cfg.to_dict(),
+            "wall_time_s": metrics.get("wall_time_s"), "train_time_s": round(prior_s + time.perf_counter() - t0, 1),
+            "deepspeed": ds, "config": cfg.to_dict(),
         }
         save_drafter(out, directory)
 
@@ -382,6 +387,9 @@ def train_worker(cfg_dict: dict) -> dict:
     window: list[dict] = []
     step = start
     plan_epoch, plan = -1, []
+    if cfg.time_budget_s and prior_s >= cfg.time_budget_s:
+        log.info("time budget of %.0f s already spent (%.0f s): no more steps", cfg.time_budget_s, prior_s)
+        total = step
     while step < total:
         epoch = step // steps_per_epoch
         if epoch != plan_epoch:
@@ -409,7 +417,7 @@ def train_worker(cfg_dict: dict) -> dict:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('acc', 0):.3f}")
             if rank == 0:
                 log.info("step %d/%d %s", step, total, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-        out_of_time = bool(cfg.time_budget_s) and elapsed > cfg.time_budget_s
+        out_of_time = bool(cfg.time_budget_s) and prior_s + elapsed > cfg.time_budget_s
         if out_of_time:  # every rank must agree before the collective checkpoint
             flag = torch.tensor([1.0])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -422,7 +430,8 @@ def train_worker(cfg_dict: dict) -> dict:
             sys.stderr.flush()
             os._exit(3)
         if out_of_time:
-            log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+            log.info("time budget of %.0f s reached at step %d (%.0f s in this session)", cfg.time_budget_s, step,
+                     elapsed)
             break
     bar.close()
     if not metrics and window:
@@ -439,7 +448,9 @@ def train_worker(cfg_dict: dict) -> dict:
 # ---------------------------------------------------------------------- driver
 
 def prepare(cfg: TrainConfig) -> None:
-    """Extract features for `data.conversations` once (resumable) before training starts."""
+    """Extract features for `data.conversations` once (resumable) before training starts: all of them into
+    the first feature directory, or, with one feature directory per conversation file (and no
+    `data.limit`), each file into its own directory, so adding a file to a drafter extracts only that file."""
     if cfg.data.features:
         missing = [p for p in cfg.data.features if not (Path(p) / "manifest.json").exists()]
         if missing and not cfg.data.conversations:
@@ -447,6 +458,10 @@ def prepare(cfg: TrainConfig) -> None:
                                    f"(extract them with training/features.py or give data.conversations)")
         if not missing:
             return
+    paired = len(cfg.data.conversations) == len(cfg.data.features) > 1 and not cfg.data.limit
+    jobs = [([c], f) for c, f in zip(cfg.data.conversations, cfg.data.features)
+            if not (Path(f) / "manifest.json").exists()] if paired else \
+        [(list(cfg.data.conversations), cfg.feature_dirs[0])]
     if cfg.device == "cpu":
         import torch
 
@@ -456,8 +471,8 @@ def prepare(cfg: TrainConfig) -> None:
     import torch
 
     verifier = load_verifier(cfg.verifier, dtype=torch.bfloat16)
-    prepare_features(verifier, list(cfg.data.conversations), cfg.feature_dirs[0], cfg.max_len,
-                     limit=cfg.data.limit or None)
+    for conversations, directory in jobs:
+        prepare_features(verifier, conversations, directory, cfg.max_len, limit=cfg.data.limit or None)
 
 
 def run_ray(cfg: TrainConfig) -> dict:
