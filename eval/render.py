@@ -89,8 +89,10 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
     if text:
         add("### Self-distilled vs dataset-text training (math)\n")
         add("`math` trained on the verifier's own answers to the math prompts (self-distillation, the default), "
-            "`math_text` on the dataset's written answers to the same prompts (the paper's setting); same "
-            "budget, objective and token map (training/configs/math_text_eagle2.yaml).\n")
+            "`math_text` on the dataset's written answers to math prompts (the paper's setting); same "
+            "objective and token map (training/configs/math_text_eagle2.yaml). Data and budgets are in their "
+            "model cards (drafters/math, drafters/math_text): when they differ, this is not an equal-cost "
+            "comparison (docs/training.md).\n")
         add("| dataset | temperature | single:math | single:math_text |\n| --- | --- | --- | --- |")
         for d in _datasets(text["rows"]):
             for t in sorted({r["temperature"] for r in text["rows"]}):

@@ -289,6 +289,25 @@ def test_train_drafter_tiny_without_ray(trained_tiny):
     assert len(res.token_ids) == 8
 
 
+def test_model_card_from_report_rows(trained_tiny, tmp_path):
+    from training.evaluate import cli as evaluate_cli
+
+    root, _ = trained_tiny
+    out = root / "runs" / "tiny" / "drafter"
+    rows = [{"strategy": "none", "dataset": "gsm_symbolic", "temperature": 0.0, "n_prompts": 1,
+             "acceptance_length": 1.0, "speedup_vs_none": 1.0},
+            {"strategy": "single:tiny", "dataset": "gsm_symbolic", "temperature": 0.0, "n_prompts": 1,
+             "acceptance_length": 1.5, "speedup_vs_none": 0.8},
+            {"strategy": "single:other", "dataset": "gsm_symbolic", "temperature": 0.0, "n_prompts": 1,
+             "acceptance_length": 9.0, "speedup_vs_none": 9.0}]
+    (tmp_path / "main.json").write_text(json.dumps({"rows": rows}))
+    assert evaluate_cli(["--cards", str(out), "--rows", str(tmp_path / "main.json"), "--source", "a test"]) == 0
+    card = (out / "README.md").read_text()
+    assert "# Drafter `tiny`" in card and "| gsm_symbolic | 0.0 | 1 | 1.50 | 0.80x |" in card
+    assert "9.00" not in card and "a test" in card and "s of training in all sessions" in card
+    assert "steps: 6 " in card
+
+
 def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     """draft_head verifier-rows: the head stays the verifier's lm_head rows (exact targets), is not saved,
     and the reloaded drafter drafts over its token map."""

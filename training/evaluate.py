@@ -83,7 +83,12 @@ def evaluate(drafters: list[str], domains: list[str], n: int = 5, max_new_tokens
 
 def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="acceptance length of drafters on held-out prompts")
-    ap.add_argument("--drafters", nargs="+", required=True, help="shipped names, NAME=PATH, or `random`")
+    ap.add_argument("--drafters", nargs="+", help="shipped names, NAME=PATH, or `random`")
+    ap.add_argument("--cards", nargs="+", metavar="DIR",
+                    help="instead of evaluating: write DIR/README.md (model card) for these drafter directories "
+                         "from `taps eval` / eval.report result JSON (--rows)")
+    ap.add_argument("--rows", nargs="*", default=[], metavar="JSON", help="with --cards: result files (rows)")
+    ap.add_argument("--source", default="", help="with --cards: where the rows come from (printed on the card)")
     ap.add_argument("--domains", nargs="+", default=["math", "chat"])
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -91,6 +96,13 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
+    if args.cards:
+        rows = [r for f in args.rows for r in json.loads(Path(f).read_text())["rows"]]
+        for d in args.cards:
+            print(write_model_card(d, eval_rows=rows, source=args.source))
+        return 0
+    if not args.drafters:
+        ap.error("--drafters is required (or --cards)")
     import torch
 
     torch.set_num_threads(args.threads)
