@@ -301,7 +301,7 @@ def train_worker(cfg_dict: dict) -> dict:
     # ------------------------------------------------------------ resume
     start = 0
     resumed_from = None
-    prior_s = 0.0  # training time of earlier sessions (checkpoints before this field count as 0)
+    client: dict = {}  # the resumed checkpoint's client state
     local_root = Path(cfg.checkpoint_dir) / cfg.name / "local"
     def check_identity(d: Path) -> None:
         f = Path(d) / "taps_checkpoint.json"
@@ -321,7 +321,6 @@ def train_worker(cfg_dict: dict) -> dict:
                 check_identity(Path(d))
                 _, client = engine.load_checkpoint(d, tag="ds")
                 start, resumed_from = int(client["step"]), str(ckpt.path)
-                prior_s = float(client.get("train_time_s", 0.0))
     else:
         for stale in local_root.glob("step-*.tmp*"):  # a save interrupted before its rename
             shutil.rmtree(stale, ignore_errors=True)
@@ -330,12 +329,12 @@ def train_worker(cfg_dict: dict) -> dict:
             check_identity(latest)
             _, client = engine.load_checkpoint(str(latest), tag="ds")
             start, resumed_from = int(client["step"]), str(latest)
-            prior_s = float(client.get("train_time_s", 0.0))
+    prior_s = float(client.get("train_time_s", 0.0))  # earlier sessions (checkpoints before this field: 0)
     if resumed_from and rank == 0:
         log.info("resumed from %s at step %d / %d after %.0f s of training", resumed_from, start, total, prior_s)
 
     def save_checkpoint(step: int, metrics: dict, final_drafter: bool = False) -> None:
-        client = {"step": step, "metrics": metrics, "train_time_s": round(prior_s + time.perf_counter() - t0, 1)}
+        client = {"step": step, "metrics": metrics, "train_time_s": trained_s()}
         if use_ray:
             tmp = Path(tempfile.mkdtemp(prefix=f"taps-ckpt-{cfg.name}-r{rank}-"))
             engine.save_checkpoint(str(tmp), tag="ds", client_state=client)
@@ -372,8 +371,8 @@ def train_worker(cfg_dict: dict) -> dict:
             "steps": step, "epochs": round(step / steps_per_epoch, 3), "workers": world,
             "micro_batch": micro, "gradient_accumulation_steps": accum, "max_len": cfg.max_len,
             "final_loss": metrics.get("loss"), "final_acc": metrics.get("acc"), "seed": cfg.seed,
-            "wall_time_s": metrics.get("wall_time_s"), "train_time_s": round(prior_s + time.perf_counter() - t0, 1),
-            "deepspeed": ds, "config": cfg.to_dict(),
+            "wall_time_s": metrics.get("wall_time_s"), "train_time_s": trained_s(), "deepspeed": ds,
+            "config": cfg.to_dict(),
         }
         save_drafter(out, directory)
 
@@ -383,6 +382,10 @@ def train_worker(cfg_dict: dict) -> dict:
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.name} ({cfg.objective})", disable=rank != 0,
                file=sys.stderr, mininterval=2.0)
     t0 = time.perf_counter()
+
+    def trained_s() -> float:  # training time of all sessions so far
+        return round(prior_s + time.perf_counter() - t0, 1)
+
     metrics: dict = {}
     window: list[dict] = []
     step = start
@@ -459,8 +462,7 @@ def prepare(cfg: TrainConfig) -> None:
         if not missing:
             return
     paired = len(cfg.data.conversations) == len(cfg.data.features) > 1 and not cfg.data.limit
-    jobs = [([c], f) for c, f in zip(cfg.data.conversations, cfg.data.features)
-            if not (Path(f) / "manifest.json").exists()] if paired else \
+    jobs = [([c], f) for c, f in zip(cfg.data.conversations, cfg.data.features) if f in missing] if paired else \
         [(list(cfg.data.conversations), cfg.feature_dirs[0])]
     if cfg.device == "cpu":
         import torch
