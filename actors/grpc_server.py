@@ -2,11 +2,12 @@
 
 The server is a thin shell over any `runner` with
 
-    draft(request_id: str, tokens: LongTensor[m], hidden: FloatTensor[m, H], tree_config: TreeConfig) -> DraftTree
+    draft(request_id: str, tokens: LongTensor[m], hidden: FloatTensor[m, H], tree_config: TreeConfig,
+          start: int | None = None) -> DraftTree
     release(request_id: str) -> None
     describe() -> dict   # at least {"name", "hidden_size"}; optionally "vocab_size", "domain", ...
 
-(taps.drafting.DrafterRunner is one; it also takes `start=`, passed only when the caller sent it).
+(taps.drafting.DrafterRunner and taps.lookup.PromptLookupRunner are two).
 Per-request state lives in the runner; the server serializes calls for the same request id.
 
 Status codes: a malformed or invalid message -> INVALID_ARGUMENT (never reaches the runner);
@@ -17,7 +18,6 @@ a budget (gRPC deadline or DraftRequest.deadline_ms) spent before drafting start
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -105,14 +105,6 @@ def _time_remaining(context) -> float | None:
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
-def _accepts(fn, keyword: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no introspectable signature: assume the documented protocol only
-        return False
-    return any(p.name == keyword or p.kind == p.VAR_KEYWORD for p in params)
-
-
 class RequestLocks:
     """One lock per request id, kept only while some call holds or waits for it (no growth over time)."""
 
@@ -153,7 +145,6 @@ class DrafterServicer:
         self.vocab_size = int(info.get("vocab_size") or 0)  # 0: token ids are not range-checked
         self.name = str(info.get("name") or getattr(runner, "name", ""))
         self.runner = runner
-        self.runner_takes_start = _accepts(runner.draft, "start")
         self.checkpoint_sha256 = checkpoint_sha256
         self.locks = RequestLocks()
 
@@ -173,17 +164,14 @@ class DrafterServicer:
             call = draft_request_from_pb(request, self.hidden_size, self.vocab_size)
         except ValueError as e:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        if call.start is not None and not self.runner_takes_start:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"drafter {self.name} does not support DraftRequest.start (idempotent retries): omit it")
         with self.locks.hold(call.request_id, self._budget_s(call, context, arrived)) as acquired:
             budget = self._budget_s(call, context, arrived)
             if not acquired or (budget is not None and budget <= 0):
                 raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"request {call.request_id}: the deadline passed before drafting started")
-            extra = {} if call.start is None else {"start": call.start}
             t0 = time.perf_counter()
-            tree = _run(self.runner.draft, call.request_id, call.tokens, call.hidden, call.tree_config, **extra)
+            tree = _run(self.runner.draft, call.request_id, call.tokens, call.hidden, call.tree_config,
+                        start=call.start)
             draft_time_s = time.perf_counter() - t0
         if not isinstance(tree, DraftTree):
             raise TypeError(f"runner.draft returned {type(tree).__name__}, expected DraftTree")

@@ -21,8 +21,10 @@ from cluster.config import AppConfig, DrafterEntry
 from cluster.metrics import Metrics
 from cluster.openai_api import (ChatRequest, CompletionRequest, DrafterAdd, IncrementalDetokenizer, chunk,
                                 completion_body, error)
-from cluster.router import ClientPool, VerifierUnavailable, _DrafterLink, decode, pick_replica
+from actors.adapters import ActorVerifier, GrpcProposer
+from cluster.router import ClientPool, VerifierUnavailable, pick_replica
 from taps.adaptive import TreePolicy, online_policy
+from taps.loop import decode, reserve_tokens
 from taps.compose import parse_strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 
@@ -83,6 +85,7 @@ class TapsRouter:
             **verifier_actor_options(self.cfg.gpu)).remote(self.cfg.verifier, self.cfg.dtype, self.cfg.max_len,
                                                            threads=self.cfg.threads)
         self.verifier_info = ray.get(self.verifier.info.remote())
+        self.verifier_proxy = ActorVerifier(self.verifier)  # shared: it carries the verifier's load to the policies
         self.eos_ids = frozenset(self._eos_ids(vdir))
         self.pool = ClientPool()
         self.metrics = Metrics()
@@ -254,7 +257,7 @@ class TapsRouter:
         strategy = parse_strategy(spec, names if not spec.startswith("single:") else [], available=list(ready))
         policy = self._policy(strategy)
         largest = policy.max_tree if policy else self.tree
-        reserve = max_new + largest.total_tokens * max(1, len(strategy.drafters))
+        reserve = reserve_tokens(max_new, largest, len(strategy.drafters))
         if len(prompt_ids) + reserve > self.cfg.max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_new} exceeds the context "
                              f"window of {self.cfg.max_len} tokens")
@@ -263,7 +266,7 @@ class TapsRouter:
         rid_for_pick = uuid.uuid4().hex
         for name in strategy.drafters:
             rep = pick_replica(ready[name], rid_for_pick)
-            links[name] = _DrafterLink(name, self.pool.get(rep["address"]))
+            links[name] = GrpcProposer(name, self.pool.get(rep["address"]), self.cfg.deadline_ms / 1000)
         return prompt_ids, strategy, sampling, max_new, links
 
     def _policy(self, strategy) -> TreePolicy | None:
@@ -283,10 +286,9 @@ class TapsRouter:
                 for n in links:
                     self._inflight[n] = self._inflight.get(n, 0) + 1
                 try:
-                    gen = decode(self.verifier, links, prompt_ids, strategy, sampling, max_new, self.eos_ids,
-                                 self.tree, self.cfg.deadline_ms / 1000, request_id=rid,
-                                 on_error=lambda n, e: self.metrics.drafter_errors.labels(n).inc(),
-                                 policy=self._policy(strategy))
+                    gen = decode(self.verifier_proxy, links, prompt_ids, strategy, sampling, max_new, self.eos_ids,
+                                 self.tree, policy=self._policy(strategy), request_id=rid,
+                                 on_error=lambda n, e: self.metrics.drafter_errors.labels(n).inc())
                     try:
                         async for item in gen:
                             if isinstance(item, tuple):

@@ -71,8 +71,7 @@ def verified_size(cfg: TreeConfig | Plan | None, n_drafters: int, merged: bool, 
 def _draft_nodes(runner, tree: TreeConfig) -> int:
     """Most draft nodes `runner` (None: any neural drafter) grows for `tree` (a prompt-lookup chain is
     at most tree.depth long)."""
-    f = getattr(runner, "max_nodes", None)
-    return f(tree) if f is not None else tree.total_tokens - 1
+    return runner.max_nodes(tree) if runner is not None else tree.total_tokens - 1
 
 
 def _trees_of(arm) -> list[TreeConfig]:
@@ -92,23 +91,36 @@ def arm_label(arm: TreeConfig | Plan | None) -> str:
 class _Arm:
     config: TreeConfig | Plan | None  # None: SKIP; a tuple: per-drafter plan
     cost_s: float  # seconds per step (draft + verify) with this tree
+    nodes: int = 1  # verifier rows per step (root + verified draft nodes)
+    draft_s: float = 0.0  # seconds of drafting per step (measured, or observed online)
     steps: int = 0
     tokens: float = 0.0  # tokens emitted per step, summed
     timed: int = 0  # online policies: steps whose wall time was observed
     seconds: float = 0.0  # ... and their wall time, summed
+    drafted: float = 0.0  # ... and their drafting time, summed
 
     def mean_tokens(self) -> float:
         return self.tokens / self.steps if self.steps else 1.0
 
+    def cost(self, load) -> float:
+        """Seconds a step of this arm costs. With the verifier's load (taps.scheduler.Load): drafting
+        plus this request's share of a tick, c0 / (requests per tick) + c1 * rows. Under load c0 is
+        shared, so every draft node costs other requests their tokens and small trees or SKIP win;
+        idle, c0 is all ours and wider trees pay."""
+        if load is None or load.c0 <= 0:
+            return self.cost_s
+        return self.draft_s + load.share(self.nodes)
+
 
 class TreePolicy:
-    """Thread-safe UCB1 over tree configurations, scored by tokens per second."""
+    """Thread-safe UCB1 over tree configurations, scored by tokens per second (load-aware)."""
 
     def __init__(self, costs: dict[TreeConfig, float], warmup: int = 3, exploration: float = 0.5,
-                 online: bool = False):
+                 online: bool = False, nodes: dict | None = None, draft_costs: dict | None = None):
         if not costs:
             raise ValueError("TreePolicy needs at least one candidate")
-        self.arms = [_Arm(cfg, c) for cfg, c in costs.items()]
+        nodes, draft_costs = nodes or {}, draft_costs or {}
+        self.arms = [_Arm(cfg, c, nodes.get(cfg, 1), draft_costs.get(cfg, 0.0)) for cfg, c in costs.items()]
         self.warmup = warmup
         self.exploration = exploration
         self.online = online  # True: an arm's cost is the mean wall time observed for it (serving)
@@ -123,7 +135,8 @@ class TreePolicy:
         return TreeConfig(depth=max(c.depth for c in trees), top_k=max(c.top_k for c in trees),
                           total_tokens=max(c.total_tokens for c in trees))
 
-    def choose(self) -> TreeConfig | None:
+    def choose(self, load=None) -> TreeConfig | None:
+        """The arm for the next step; `load` (taps.scheduler.Load or None) prices verifier rows."""
         with self._lock:
             for a in self.arms:
                 if a.steps < self.warmup:
@@ -132,12 +145,14 @@ class TreePolicy:
 
             def score(a: _Arm) -> float:
                 bonus = self.exploration * math.sqrt(2 * math.log(total) / a.steps)
-                return (a.mean_tokens() + bonus) / a.cost_s
+                return (a.mean_tokens() + bonus) / max(a.cost(load), 1e-9)
 
             return max(self.arms, key=score).config
 
-    def observe(self, config: TreeConfig | None, emitted: int, seconds: float | None = None) -> None:
-        """One step with `config` emitted `emitted` tokens; online policies also learn its cost from `seconds`."""
+    def observe(self, config: TreeConfig | None, emitted: int, seconds: float | None = None,
+                draft_s: float | None = None) -> None:
+        """One step with `config` emitted `emitted` tokens; online policies also learn its cost from
+        `seconds` (the step's wall time) and its drafting cost from `draft_s`."""
         with self._lock:
             for a in self.arms:
                 if a.config == config:
@@ -146,12 +161,14 @@ class TreePolicy:
                     if self.online and seconds is not None and seconds > 0:
                         a.timed += 1
                         a.seconds += seconds
+                        a.drafted += draft_s or 0.0
                         a.cost_s = a.seconds / a.timed
+                        a.draft_s = a.drafted / a.timed
                     return
 
-    def best(self) -> TreeConfig:
+    def best(self, load=None) -> TreeConfig:
         """The configuration with the best measured tokens per second so far (no exploration)."""
-        return max(self.arms, key=lambda a: a.mean_tokens() / a.cost_s).config
+        return max(self.arms, key=lambda a: a.mean_tokens() / max(a.cost(load), 1e-9)).config
 
     def summary(self) -> list[dict]:
         """One row per arm; depth / top_k / total_tokens are those of the arm's largest drafter tree."""
@@ -216,11 +233,10 @@ def auto_candidates(strategy) -> list[TreeConfig | Plan | None]:
 
 
 def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None, repeats: int = 3,
-                parallel: bool = False, memo: dict | None = None, **policy_kw) -> TreePolicy:
+                memo: dict | None = None, **policy_kw) -> TreePolicy:
     """Measure each arm's step cost for `strategy` on this machine and build its TreePolicy.
 
-    Cost of an arm = drafting (every drafter the arm drafts with: summed, or the slowest one with
-    `parallel`) + one verifier forward over the verified tree (merged: the root plus all drafting
+    Cost of an arm = drafting (every drafter the arm drafts with, summed) + one verifier forward over the verified tree (merged: the root plus all drafting
     drafters' nodes). SKIP costs a one-token forward. `memo` (any dict) shares
     measurements between the policies of one engine.
     """
@@ -243,12 +259,11 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
             memo[key] = measure_drafter(runner, verifier_model.config.hidden_size, c, repeats=repeats)
         return memo[key]
 
-    costs: dict = {}
+    costs, drafting = {}, {}
     for c in cands:
-        drafts = [draft_s(r, t) for r, t in zip(drafter_runners, plan_trees(c, n)) if t is not None]
-        costs[c] = ((max(drafts, default=0.0) if parallel else sum(drafts))
-                    + memo[("verify", id(verifier_model), size[c])])
-    return TreePolicy(costs, **policy_kw)
+        drafting[c] = sum(draft_s(r, t) for r, t in zip(drafter_runners, plan_trees(c, n)) if t is not None)
+        costs[c] = drafting[c] + memo[("verify", id(verifier_model), size[c])]
+    return TreePolicy(costs, nodes=size, draft_costs=drafting, **policy_kw)
 
 
 def online_policy(strategy, **policy_kw) -> TreePolicy:
@@ -258,7 +273,8 @@ def online_policy(strategy, **policy_kw) -> TreePolicy:
     nodes verified; warm-up tries every arm before the prior matters."""
     cands = auto_candidates(strategy)
     n, merged = len(strategy.drafters), strategy.kind == "merged"
-    return TreePolicy({c: 1e-3 * verified_size(c, n, merged) for c in cands}, online=True, **policy_kw)
+    nodes = {c: verified_size(c, n, merged) for c in cands}
+    return TreePolicy({c: 1e-3 * nodes[c] for c in cands}, online=True, nodes=nodes, **policy_kw)
 
 
 def attach_auto_policies(engine, verifier_model, strategies, repeats: int = 3) -> dict:
@@ -268,7 +284,5 @@ def attach_auto_policies(engine, verifier_model, strategies, repeats: int = 3) -
         if s.kind == "none" or s.name in engine.policies:
             continue
         runners = [engine.drafters[d] for d in s.drafters]
-        engine.policies[s.name] = out[s.name] = auto_policy(
-            verifier_model, runners, s, repeats=repeats, memo=memo,
-            parallel=bool(getattr(engine, "parallel_drafters", False)))
+        engine.policies[s.name] = out[s.name] = auto_policy(verifier_model, runners, s, repeats=repeats, memo=memo)
     return out

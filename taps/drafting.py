@@ -10,9 +10,8 @@ the new pairs (see docs/architecture.md), then grows a tree:
   rerank:  keep the total_tokens - 1 candidates with the best cumulative
            log-prob (ancestor-closed, since scores never grow along a path)
 
-A call with `tree=None` drafts nothing (a SKIP step of an adaptive tree policy, see
-taps.adaptive): it returns the root alone and, for in-process callers, only queues the
-pairs; the next drafting call feeds them together with its own.
+A drafter that sits a step out (SKIP, another drafter's solo arm, a missed deadline) is simply
+not called; its next call carries every pair since its last one (taps.loop), numbered by `start`.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ class _RequestState:
     cache: KVCache
     committed: int = 0  # pairs in the cache that belong to the verified prefix
     last_used: float = 0.0
-    queued: list | None = None  # (tokens, hidden) of SKIP calls, not yet in the cache
 
 
 class DrafterRunner:
@@ -78,6 +76,10 @@ class DrafterRunner:
     def active_requests(self) -> int:
         return len(self._states)
 
+    def max_nodes(self, tree: TreeConfig) -> int:
+        """Most draft nodes a `tree` call returns (root excluded)."""
+        return tree.total_tokens - 1
+
     def describe(self) -> dict:
         cfg = self.drafter.config
         return {"name": self.name, "domain": cfg.domain, "objective": cfg.objective, "trained": cfg.trained,
@@ -86,14 +88,14 @@ class DrafterRunner:
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
-    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig | None,
+    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
               start: int | None = None) -> DraftTree:
         """Consume new pairs (hidden[j] = f_i, tokens[j] = x_{i+1}) and draft a tree rooted at tokens[-1].
 
-        `start` (optional) is the index of the first pair in the request's pair sequence. It makes
-        calls idempotent for a remote caller that retries: pairs from `start` on replace what the
-        cache holds there. A `start` past what this drafter has seen raises RequestStateLost
-        (e.g. the drafter restarted); the caller then resends from 0.
+        `start` is the index of the first pair in the request's pair sequence (None: right after the
+        pairs this drafter holds). It makes calls idempotent for a caller that retries: pairs from
+        `start` on replace what the cache holds there. A `start` past what this drafter has seen
+        raises RequestStateLost (e.g. the drafter restarted); the caller then resends from 0.
         """
         m = tokens.shape[0]
         if m == 0 or hidden.ndim != 2 or hidden.shape[0] != m:
@@ -104,10 +106,9 @@ class DrafterRunner:
                              f"{self.drafter.config.llama.hidden_size}")
         device = self.drafter.fc.weight.device
         tokens, hidden = tokens.to(device), hidden.to(device)
-        tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k if tree is not None else 0
+        tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k
         st = self._state(request_id)
         if start is not None:
-            st.queued = None  # a caller that numbers its pairs resends whatever we did not feed
             if start > st.committed:
                 self.release(request_id)
                 raise RequestStateLost(f"drafter {self.name} has {st.committed} pairs of request "
@@ -115,22 +116,11 @@ class DrafterRunner:
             st.committed = start
         if st.committed + m + tree_slots > self.max_len:
             raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
-        if tree is None and start is None:  # SKIP: queue the pairs, draft nothing
-            st.queued = (st.queued or []) + [(tokens, hidden)]
-            return DraftTree.root_only(int(tokens[-1]), self.name)
-        if st.queued:
-            tokens = torch.cat([t for t, _ in st.queued] + [tokens])
-            hidden = torch.cat([h for _, h in st.queued] + [hidden])
-            st.queued, m = None, tokens.shape[0]
-            if st.committed + m + tree_slots > self.max_len:
-                raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
         cache = st.cache
         cache.length = st.committed  # drop the previous step's tree
         pos = torch.arange(st.committed, st.committed + m, device=device)[None]
         out = self.drafter(tokens[None], hidden[None], pos, cache, build_mask(causal_mask(m, device), st.committed))
         st.committed += m
-        if tree is None:
-            return DraftTree.root_only(int(tokens[-1]), self.name)
         return self._grow(tokens[-1], out[0, -1], st, tree)
 
     def _grow(self, root: torch.Tensor, root_feature: torch.Tensor, st: _RequestState, cfg: TreeConfig) -> DraftTree:

@@ -7,8 +7,7 @@ composes with the neural drafters like any other (single:lookup, confidence, mer
 like every drafter: the verifier decides every token.
 
 Same calling convention as DrafterRunner.draft (tokens are x_{i+1} of the pairs; hidden is
-ignored), including `start` (pairs from that index replace what the runner holds) and
-`tree=None` (SKIP: remember the tokens, draft nothing).
+ignored), including `start` (pairs from that index replace what the runner holds).
 """
 
 from __future__ import annotations
@@ -70,20 +69,24 @@ class PromptLookupRunner:
         """Most draft nodes for `tree`: one chain (the cost model verifies this many, not total_tokens)."""
         return min(self.max_draft, tree.depth, tree.total_tokens - 1)
 
-    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor | None, tree: TreeConfig | None,
+    def draft(self, request_id: str, tokens: torch.Tensor, hidden: torch.Tensor | None, tree: TreeConfig,
               start: int | None = None) -> DraftTree:
+        from taps.drafting import RequestStateLost
+
         new = [int(t) for t in tokens.tolist()]
         if not new:
             raise ValueError("draft needs at least one token")
         with self._lock:
             hist = self._hist.setdefault(request_id, [])
             if start is not None:
+                if start > len(hist):
+                    self._hist.pop(request_id, None)
+                    raise RequestStateLost(f"drafter {self.name} has {len(hist)} tokens of request {request_id}, "
+                                           f"the call starts at {start}: resend from 0")
                 del hist[start:]
             hist.extend(new)
             self._used[request_id] = time.monotonic()
         root = hist[-1]
-        if tree is None:
-            return DraftTree.root_only(root, self.name)
         cont = self.propose(hist, self.max_nodes(tree))
         n = len(cont) + 1
         return DraftTree(

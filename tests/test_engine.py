@@ -17,7 +17,8 @@ from taps.models.drafter import DrafterMismatchError
 from taps.models.llama import causal_mask
 from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
-from taps.verify import ContextOverflowError, VerifierRunner, accept_sampling
+from taps.batching import VerifyBatch, accept_sampling_batch
+from taps.verify import ContextOverflowError, VerifierRunner
 
 STRATEGIES = ["none", "single:a", "single:b", "confidence", "entropy", "merged"]
 
@@ -33,8 +34,10 @@ class OracleRunner:
         self.model, self.prompt, self.name, self.depth, self.wrong_first = model, list(prompt), name, depth, wrong_first
         self.seen = {}
 
-    def draft(self, rid, tokens, hidden, tree):
+    def draft(self, rid, tokens, hidden, tree, start=None):
         seq = self.seen.setdefault(rid, list(self.prompt[:1]))
+        if start is not None:
+            del seq[1 + start:]  # pairs from `start` on replace what was there
         seq.extend(tokens.tolist())
         cont = greedy_reference(self.model, seq, min(self.depth, tree.depth))
         toks, parents, depths = [seq[-1]], [-1], [0]
@@ -193,10 +196,10 @@ def test_drafter_cache_trim_equals_drafting_from_scratch(tiny):
     seen_tokens, seen_hidden = [], []
     orig = incremental.draft
 
-    def spy(rid, tokens, hidden, tree):
+    def spy(rid, tokens, hidden, tree, start=None):
         seen_tokens.append(tokens.clone())
         seen_hidden.append(hidden.clone())
-        out = orig(rid, tokens, hidden, tree)
+        out = orig(rid, tokens, hidden, tree, start=start)
         spy.last = out
         return out
 
@@ -209,19 +212,21 @@ def test_drafter_cache_trim_equals_drafting_from_scratch(tiny):
 
 
 def test_sampling_acceptance_first_token_distribution_exact():
-    """accept_sampling with duplicate siblings: the emitted token follows target_probs exactly."""
+    """Batched sampling acceptance with duplicate siblings: the emitted token follows target_probs
+    exactly (20,000 copies of one tree verified as one batch, one uniform per node)."""
     target = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
     # root children: token 1, token 2, token 1 again (duplicate from another subtree), token 4
     tree = DraftTree(torch.tensor([0, 1, 2, 1, 4]), torch.tensor([-1, 0, 0, 0, 0]), torch.tensor([0, 1, 1, 1, 1]),
                      torch.zeros(5), torch.zeros(5), torch.tensor([0, 0, 0, 1, 1]))
-    probs = target.expand(5, 5).clone()
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(5)
     n = 20000
-    for _ in range(n):
-        path, bonus = accept_sampling(tree, probs, gen)
-        first = int(tree.tokens[path[1]]) if len(path) > 1 else bonus
-        counts[first] += 1
+    batch = VerifyBatch.from_trees([tree] * n)
+    gen = torch.Generator().manual_seed(0)
+    acc = accept_sampling_batch(batch, target.expand(5 * n, 5), torch.rand(5 * n, generator=gen, dtype=torch.float64),
+                                torch.rand(n, generator=gen, dtype=torch.float64))
+    counts = torch.zeros(5)
+    for path, bonus in zip(acc.paths, acc.bonus):
+        assert len(path) <= 2  # the accepted children are leaves
+        counts[int(tree.tokens[path[1]]) if len(path) > 1 else bonus] += 1
     # 4 sigma band per cell: false-alarm rate < 1e-3 for the whole test
     sd = (target * (1 - target) / n).sqrt()
     assert ((counts / n - target).abs() < 4 * sd + 1e-9).all(), counts / n

@@ -50,7 +50,7 @@ class FakeRunner:
         self.max_parallel = 0  # most calls running at once
         self._guard = threading.Lock()
 
-    def draft(self, request_id, tokens, hidden, tree_config):
+    def draft(self, request_id, tokens, hidden, tree_config, start=None):
         with self._guard:
             self.inside[request_id] = self.inside.get(request_id, 0) + 1
             self.max_inside = max(self.max_inside, self.inside[request_id])
@@ -275,8 +275,6 @@ async def _exercise(address: str, runner: FakeRunner):
         with pytest.raises(DrafterError) as e:
             await c.release("")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(DrafterError, match="does not support DraftRequest.start"):
-            await c.draft("r", torch.tensor([1]), torch.randn(1, H), cfg, start=0)
         # a gRPC deadline shorter than the drafting time
         with pytest.raises(DrafterError) as e:
             await c.draft("slow-1", torch.tensor([1]), torch.randn(1, H), cfg, timeout_s=0.05)

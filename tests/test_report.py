@@ -39,8 +39,10 @@ class Oracle:
     def __init__(self, model, prompt, depth=3):
         self.model, self.prompt, self.depth, self.seen = model, list(prompt), depth, {}
 
-    def draft(self, rid, tokens, hidden, tree):
+    def draft(self, rid, tokens, hidden, tree, start=None):
         seq = self.seen.setdefault(rid, list(self.prompt[:1]))
+        if start is not None:
+            del seq[1 + start:]  # pairs from `start` on replace what was there
         seq.extend(tokens.tolist())
         toks, parents, depths, ents, prev = [seq[-1]], [-1], [0], [0.0], 0
         for d, tok in enumerate(_greedy(self.model, seq, self.depth), start=1):

@@ -8,33 +8,19 @@ import asyncio
 import pytest
 import torch
 
-from cluster.router import _DrafterLink, decode
+from actors.adapters import GrpcProposer
 from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
+from taps.loop import LocalVerifier, decode
+from taps.scheduler import BatchingVerifier
 from taps.testing import random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(self.fn(*args))
-        return fut
-
-
-class FakeVerifierActor:
-    """The VerifierActor surface (`.prefill.remote(...)`, ...) over an in-process VerifierRunner."""
-
-    def __init__(self, model):
-        self.runner = VerifierRunner(model, max_len=256)
-        self.prefill = _Method(lambda rid, ids, s, reserve: self.runner.prefill(rid, ids, SamplingConfig(**s),
-                                                                                 reserve=reserve))
-        self.verify = _Method(lambda rid, tree, s: self.runner.verify(rid, tree, SamplingConfig(**s)))
-        self.release = _Method(lambda rid: self.runner.release(rid))
+def FakeVerifierActor(model):
+    """The verifier side of the router's loop, in-process (ticks of one VerifierRunner)."""
+    return LocalVerifier(BatchingVerifier(VerifierRunner(model, max_len=256), inline=True, cost=(0.01, 0.001)))
 
 
 class LocalClient:
@@ -76,16 +62,15 @@ def test_slow_and_hung_drafters_sit_steps_out_output_lossless(model):
 
     def run(links, strategy):
         gen = decode(FakeVerifierActor(model), links, prompt, parse_strategy(strategy, list(links)),
-                     SamplingConfig(), 20, frozenset(), tree, deadline_s=0.2,
-                     on_error=lambda n, e: errors.append(n))
+                     SamplingConfig(), 20, frozenset(), tree, on_error=lambda n, e: errors.append(n))
         return asyncio.run(_collect(gen))
 
     ref = run({}, "none").token_ids
     fast = _drafter(model, "fast", 1)
     slow = LocalClient(_drafter(model, "slow", 2), delay_s=1.0)
     hung = LocalClient(_drafter(model, "hung", 3), hang=True)
-    links = {"fast": _DrafterLink("fast", LocalClient(fast)), "slow": _DrafterLink("slow", slow),
-             "hung": _DrafterLink("hung", hung)}
+    links = {"fast": GrpcProposer("fast", LocalClient(fast), 0.2), "slow": GrpcProposer("slow", slow, 0.2),
+             "hung": GrpcProposer("hung", hung, 0.2)}
     state = run(links, "merged")
     assert state.token_ids == ref
     assert errors.count("slow") == state.stats.steps and errors.count("hung") == state.stats.steps
@@ -127,14 +112,14 @@ def test_router_with_online_tree_policy_is_lossless_and_skips(model):
     tree = TreeConfig(depth=3, top_k=2, total_tokens=6)
     verifier = FakeVerifierActor(model)
     ref = asyncio.run(_collect(decode(verifier, {}, prompt, parse_strategy("none", []), SamplingConfig(), 60,
-                                      frozenset(), tree, deadline_s=5.0))).token_ids
+                                      frozenset(), tree))).token_ids
     for spec in ("single:a", "merged"):
         clients = {n: LocalClient(_drafter(model, n, s)) for n, s in (("a", 1), ("b", 2))}
-        links = {n: _DrafterLink(n, c) for n, c in clients.items()}
+        links = {n: GrpcProposer(n, c, 5.0) for n, c in clients.items()}
         strategy = parse_strategy(spec, list(links))
         policy = online_policy(strategy, warmup=1)
         state = asyncio.run(_collect(decode(verifier, links, prompt, strategy, SamplingConfig(), 60, frozenset(),
-                                            tree, deadline_s=5.0, policy=policy)))
+                                            tree, policy=policy)))
         assert state.token_ids == ref, spec
         arms = {a.config: a for a in policy.arms}
         assert arms[SKIP].steps >= 1 and all(a.steps >= 1 for a in policy.arms)  # warm-up tried every arm

@@ -78,8 +78,10 @@ def test_policy_with_skip_arm():
     assert TreePolicy({SKIP: 0.01}).max_tree.total_tokens >= 2  # only SKIP: a valid (unused) reserve
 
 
-def test_skipped_pairs_are_fed_with_the_next_draft(tiny):
-    """draft(None) then draft(cfg) grows the same tree as feeding every pair eagerly."""
+def test_a_drafter_that_sat_steps_out_catches_up_in_one_call(tiny):
+    """Pairs resent from `start` after skipped steps grow the same tree as feeding every step."""
+    from taps.drafting import RequestStateLost
+
     cfg = TreeConfig(depth=3, top_k=2, total_tokens=6)
     h = torch.randn(10, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(PROMPT + [11, 12, 13])
@@ -88,15 +90,13 @@ def test_skipped_pairs_are_fed_with_the_next_draft(tiny):
     eager.draft("r", t[:7], h[:7], cfg)
     eager.draft("r", t[7:8], h[7:8], cfg)
     want = eager.draft("r", t[8:], h[8:], cfg)
-    root = lazy.draft("r", t[:7], h[:7], None)
-    assert root.size == 1 and root.root == int(t[6]) and root.drafters == ("a",)
-    lazy.draft("r", t[7:8], h[7:8], None)
-    got = lazy.draft("r", t[8:], h[8:], cfg)
+    lazy.draft("r", t[:7], h[:7], cfg, start=0)
+    got = lazy.draft("r", t[7:], h[7:], cfg, start=7)  # sat out the step of pair 7
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
     assert torch.allclose(got.scores, want.scores, atol=1e-9)
-    # a caller that numbers its pairs (start=) is never queued: the drafter feeds them at once
-    lazy.draft("s", t[:7], h[:7], None, start=0)
-    assert lazy._states["s"].committed == 7 and not lazy._states["s"].queued
+    assert lazy._states["r"].committed == 10
+    with pytest.raises(RequestStateLost):  # a gap: the caller must resend from 0
+        lazy.draft("r", t[:1], h[:1], cfg, start=12)
 
 
 @pytest.mark.parametrize("spec", ["single:a", "confidence", "entropy", "merged"])
@@ -127,7 +127,7 @@ def test_every_arm_is_lossless_including_forced_skips(tiny, spec):
     class RoundRobin(TreePolicy):
         i = 0
 
-        def choose(self):
+        def choose(self, load=None):
             self.i += 1
             return cands[self.i % len(cands)]
 
@@ -177,7 +177,7 @@ def test_prompt_lookup_proposes_the_latest_continuation():
     t = r.draft("q", torch.tensor([4, 5, 6, 4, 5]), None, TreeConfig(depth=5, top_k=1, total_tokens=4))
     assert t.tokens.tolist() == [5, 6, 4, 5] and t.parents.tolist() == [-1, 0, 1, 2]
     t.validate()
-    assert r.draft("q", torch.tensor([6]), None, None).size == 1  # SKIP remembers the token
+    r.draft("q", torch.tensor([6]), None, TreeConfig(), start=5)  # a catch-up call
     assert r._hist["q"] == [4, 5, 6, 4, 5, 6]
     r.draft("q", torch.tensor([8, 8]), None, TreeConfig(), start=2)  # resent pairs replace the tail
     assert r._hist["q"] == [4, 5, 8, 8]

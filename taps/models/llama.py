@@ -157,6 +157,30 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.nh * self.d))
 
 
+    def forward_segments(self, x, cos, sin, segments):
+        """x: [1, R, H] rows of many requests (R may include padding rows at the end); each segment
+        (cache, row offset, rows, mask [1, 1, rows, cache.length + rows]) attends over its own cache.
+        Projections run over all rows at once; attention runs per segment with exactly the shapes
+        (and kernels) of that request decoded alone, so batching never changes a request's numbers."""
+        _, r, _ = x.shape
+        q = self.q_proj(x).view(1, r, self.nh, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(1, r, self.nkv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(1, r, self.nkv, self.d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = x.new_zeros(1, r, self.nh * self.d)
+        for seg in segments:
+            s, e, base = seg.row, seg.row + seg.rows, seg.base
+            ck, cv = seg.cache_k, seg.cache_v
+            ck[:, :, base:base + seg.rows] = k[:, :, s:e]
+            cv[:, :, base:base + seg.rows] = v[:, :, s:e]
+            out = F.scaled_dot_product_attention(q[:, :, s:e], ck[:, :, :base + seg.rows],
+                                                 cv[:, :, :base + seg.rows], attn_mask=seg.mask,
+                                                 enable_gqa=self.nh != self.nkv)
+            y[:, s:e] = out.transpose(1, 2).reshape(1, seg.rows, self.nh * self.d)
+        return self.o_proj(y)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -180,6 +204,10 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_segments(self, x, cos, sin, segments):
+        x = x + self.self_attn.forward_segments(self.input_layernorm(x), cos, sin, segments)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Rotary(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -191,6 +219,31 @@ class Rotary(nn.Module):
         freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+@dataclass
+class Segment:
+    """The rows [row, row + rows) of a flat batch that extend one request's KV cache at `base`
+    (= cache.length before the forward); mask [1, 1, rows, base + rows] (True = attend)."""
+
+    cache: KVCache
+    row: int
+    rows: int
+    mask: torch.Tensor
+    base: int = -1
+    layer: int = 0  # set by the forward while it runs layer `layer`
+
+    def __post_init__(self) -> None:
+        if self.base < 0:
+            self.base = self.cache.length
+
+    @property
+    def cache_k(self) -> torch.Tensor:
+        return self.cache.k[self.layer]
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        return self.cache.v[self.layer]
 
 
 def build_mask(new_mask: torch.Tensor, prefix_len: int, batch: int = 1) -> torch.Tensor:
@@ -240,6 +293,30 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length = start + t
         return self.norm(x)
+
+    def forward_segments(self, input_ids: torch.Tensor, positions: torch.Tensor, segments: list["Segment"],
+                         pad_to: int = 1) -> torch.Tensor:
+        """One forward over the rows of many requests: input_ids, positions [R] flat; `segments` say
+        which rows belong to which request's cache (and write there). Rows are padded to a multiple
+        of `pad_to` (taps.batching.row_quantum: the row count at which this machine's matmul kernels
+        give every row the same bits whatever the batch). Returns post-norm hidden states [R, H]."""
+        r = int(input_ids.shape[0])
+        rp = -(-r // pad_to) * pad_to
+        if rp != r:
+            input_ids = torch.cat([input_ids, input_ids.new_zeros(rp - r)])
+            positions = torch.cat([positions, positions.new_zeros(rp - r)])
+        for seg in segments:
+            if seg.base + seg.rows > seg.cache.max_len:
+                raise ValueError(f"KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len} slots")
+        x = self.embed_tokens(input_ids)[None]
+        cos, sin = self.rotary(positions[None], x.dtype)
+        for i, layer in enumerate(self.layers):
+            for seg in segments:
+                seg.layer = i
+            x = layer.forward_segments(x, cos, sin, segments)
+        for seg in segments:
+            seg.cache.length = seg.base + seg.rows
+        return self.norm(x)[0, :r]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,195 @@
+"""Batched verification: the draft trees of many requests in one verifier forward, and acceptance as
+a tensor function over all of them.
+
+A `VerifyBatch` is flat: every node of every request's tree, request after request, with its token,
+depth and the *global* index of its parent (-1 for a request's root); `offsets[b]:offsets[b + 1]`
+are request b's nodes. Worked example, two requests:
+
+    request 0: tokens [r, a, b]      parents [-1, 0, 0]
+    request 1: tokens [s, c, d, e]   parents [-1, 0, 1, 1]
+    batch:     tokens [r, a, b, s, c, d, e]
+               parents [-1, 0, 0, -1, 3, 4, 4]   offsets [0, 3, 7]
+
+Acceptance, defined once for the whole batch (paper Lemma A.1; SpecInfer / EAGLE):
+
+- greedy: a node is accepted iff its parent is and it is the first child (in node order) whose token
+  equals the verifier's argmax at the parent. Accepted nodes form one root path per request; the
+  bonus token is the argmax at the path's last node.
+- sampling: at the current node u of each request, its children are tried in node order; child x is
+  accepted with probability residual(x) / sum(residual) (residual starts as the target distribution
+  at u; a rejected child's token gets residual 0). If every child is rejected (or u has none) the
+  bonus token is sampled from the residual. One uniform per node and one for the bonus come from
+  the request's own generator, so a seeded request draws the same numbers whatever it is batched with.
+
+Row invariance: CPU matmul kernels pick their blocking from the row count, so row i of X @ W.T can
+differ in the last bits between a 1-row and an 8-row call. `row_quantum` finds, by measuring the
+model's own weights at start-up, a row multiple at which every row gets the same bits whatever the
+batch; forwards pad to it, so batching never changes a request's tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from taps.tree import DraftTree
+
+
+@dataclass
+class VerifyBatch:
+    tokens: torch.Tensor  # [N] int64
+    depths: torch.Tensor  # [N] int64
+    parents: torch.Tensor  # [N] int64 global parent index, -1 for a request's root
+    offsets: torch.Tensor  # [B + 1] int64
+
+    @classmethod
+    def from_trees(cls, trees: list[DraftTree]) -> "VerifyBatch":
+        sizes = torch.tensor([t.size for t in trees], dtype=torch.long)
+        offsets = torch.zeros(len(trees) + 1, dtype=torch.long)
+        offsets[1:] = sizes.cumsum(0)
+        shift = torch.repeat_interleave(offsets[:-1], sizes)
+        parents = torch.cat([t.parents for t in trees])
+        parents = torch.where(parents >= 0, parents + shift, parents)
+        return cls(torch.cat([t.tokens for t in trees]), torch.cat([t.depths for t in trees]), parents, offsets)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def requests(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def segment_ids(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(self.requests), self.offsets[1:] - self.offsets[:-1])
+
+    def children(self) -> torch.Tensor:
+        """[N, K] global child indices in node order, -1 padded (K = most children of any node)."""
+        n = self.size
+        idx = torch.arange(n)
+        has = self.parents >= 0
+        par, kid = self.parents[has], idx[has]
+        order = (par * n + kid).argsort()
+        par, kid = par[order], kid[order]
+        counts = torch.bincount(par, minlength=n)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(par.shape[0]) - starts[par]
+        out = torch.full((n, max(1, int(counts.max()) if par.numel() else 1)), -1, dtype=torch.long)
+        out[par, rank] = kid
+        return out
+
+
+@dataclass
+class Accepted:
+    """Per request: the accepted path (local node ids, root first) and the bonus token."""
+
+    paths: list[list[int]]
+    bonus: list[int]
+
+
+def _paths(batch: VerifyBatch, accepted: torch.Tensor) -> list[list[int]]:
+    seg = batch.segment_ids()[accepted]
+    local = (torch.arange(batch.size)[accepted] - batch.offsets[:-1][seg]).tolist()
+    counts = torch.bincount(seg, minlength=batch.requests).tolist()
+    out, i = [], 0
+    for c in counts:
+        out.append(local[i:i + c])
+        i += c
+    return out
+
+
+def accept_greedy_batch(batch: VerifyBatch, target_ids: torch.Tensor) -> Accepted:
+    """target_ids [N]: the verifier's argmax at every node -> accepted paths and bonus tokens."""
+    n = batch.size
+    idx = torch.arange(n)
+    has_parent = batch.parents >= 0
+    par = batch.parents.clamp(min=0)
+    match = has_parent & (batch.tokens == target_ids[par])
+    first = torch.full((n,), n, dtype=torch.long)  # first matching child of each node
+    first.scatter_reduce_(0, par[match], idx[match], reduce="amin")
+    accepted = ~has_parent
+    for d in range(1, int(batch.depths.max()) + 1):  # parents are decided before their children
+        sel = (batch.depths == d) & match
+        accepted[sel] = accepted[par[sel]] & (first[par[sel]] == idx[sel])
+    last = torch.full((batch.requests,), -1, dtype=torch.long)
+    last.scatter_reduce_(0, batch.segment_ids()[accepted], idx[accepted], reduce="amax")
+    return Accepted(_paths(batch, accepted), target_ids[last].tolist())
+
+
+def accept_sampling_batch(batch: VerifyBatch, target_probs: torch.Tensor, node_u: torch.Tensor,
+                          bonus_u: torch.Tensor) -> Accepted:
+    """target_probs [N, V]; node_u [N] and bonus_u [B] uniforms in [0, 1) -> paths and bonus tokens."""
+    b = batch.requests
+    rows = torch.arange(b)
+    kids = batch.children()
+    cur = batch.offsets[:-1].clone()  # every request starts at its root
+    active = torch.ones(b, dtype=torch.bool)
+    accepted = torch.zeros(batch.size, dtype=torch.bool)
+    accepted[cur] = True
+    final = torch.zeros(b, target_probs.shape[1], dtype=target_probs.dtype)
+    while bool(active.any()):
+        residual = target_probs[cur].clone()
+        nxt = torch.full((b,), -1, dtype=torch.long)
+        for j in range(kids.shape[1]):
+            c = kids[cur, j]
+            trying = active & (c >= 0) & (nxt < 0)
+            if not bool(trying.any()):
+                continue
+            cc = c.clamp(min=0)
+            x = batch.tokens[cc]
+            px = residual[rows, x]
+            ok = trying & (node_u[cc] * residual.sum(-1) < px)
+            nxt = torch.where(ok, c, nxt)
+            rejected = trying & ~ok
+            residual[rows[rejected], x[rejected]] = 0.0
+        stop = active & (nxt < 0)
+        final[stop] = residual[stop]
+        active = active & (nxt >= 0)
+        accepted[nxt[active]] = True
+        cur = torch.where(active, nxt, cur)
+    empty = final.sum(-1) <= 0  # every token rejected (cannot happen with exact arithmetic): the target itself
+    final[empty] = target_probs[cur[empty]]
+    cdf = final.cumsum(-1)
+    bonus = torch.searchsorted(cdf, (bonus_u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
+    last_nz = final.shape[1] - 1 - (final > 0).flip(-1).int().argmax(-1)
+    bonus = torch.minimum(bonus, last_nz)
+    return Accepted(_paths(batch, accepted), bonus.tolist())
+
+
+_QUANTUM: dict = {}
+_QUANTUM_LOCK = threading.Lock()
+_PROBE_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 24, 32, 40, 48, 64, 96, 128)
+
+
+@torch.inference_mode()
+def row_quantum(model: torch.nn.Module, candidates=(1, 2, 4, 8, 16), reference_rows: int = 128) -> int:
+    """The smallest q such that, for every distinct linear weight shape of `model`, a row's output is
+    bit-identical for every call of a multiple of q rows (up to `reference_rows`). Measured once per
+    (shapes, dtype, device, threads) in a process; a few hundred ms for a 135M model."""
+    weights = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            weights.setdefault(tuple(m.weight.shape), m.weight)
+    if not weights:
+        return 1
+    w0 = next(iter(weights.values()))
+    key = (tuple(sorted(weights)), w0.dtype, str(w0.device), torch.get_num_threads())
+    with _QUANTUM_LOCK:
+        if key in _QUANTUM:
+            return _QUANTUM[key]
+        gen = torch.Generator().manual_seed(0)
+        probes = []
+        for w in weights.values():
+            x = torch.randn(reference_rows, w.shape[1], generator=gen).to(w.dtype).to(w.device)
+            probes.append((x, w, F.linear(x, w)))
+        found = candidates[-1]
+        for q in candidates:
+            if all(torch.equal(F.linear(x[:m], w), ref[:m]) for x, w, ref in probes
+                   for m in _PROBE_ROWS if m % q == 0 and m <= reference_rows):
+                found = q
+                break
+        _QUANTUM[key] = found
+        return found

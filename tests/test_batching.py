@@ -1,0 +1,146 @@
+"""Batched verification: many requests in one verifier forward give each request exactly the tokens
+it gets decoded alone (float32, greedy and seeded sampling, every strategy), acceptance over a flat
+batch equals the tree walk, ticks isolate a failing job, and the tree policy prices load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from taps.adaptive import SKIP, TreePolicy
+from taps.batching import VerifyBatch, accept_greedy_batch, row_quantum
+from taps.compose import parse_strategy
+from taps.config import SamplingConfig, TreeConfig
+from taps.drafting import DrafterRunner
+from taps.engine import TapsEngine
+from taps.lookup import PromptLookupRunner
+from taps.models.llama import Segment, build_mask, causal_mask
+from taps.scheduler import BatchingVerifier, Load
+from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
+from taps.tree import DraftTree
+from taps.verify import PrefillJob, VerifierRunner, VerifyJob
+
+
+@pytest.fixture(scope="module")
+def model():
+    # float32 with real matmul sizes: the dtype whose CPU kernels change with the row count
+    return random_llama(tiny_config(vocab_size=211, hidden=96, layers=2), seed=4, dtype=torch.float32, scale=8.0)
+
+
+def _random_tree(gen: torch.Generator, root: int, size: int, vocab: int) -> DraftTree:
+    parents = [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, size)]
+    depths = [0]
+    for p in parents[1:]:
+        depths.append(depths[p] + 1)
+    toks = [root] + torch.randint(0, vocab, (size - 1,), generator=gen).tolist()
+    z = torch.zeros(size)
+    return DraftTree(torch.tensor(toks), torch.tensor(parents), torch.tensor(depths), z, z.clone(),
+                     torch.zeros(size, dtype=torch.long))
+
+
+def test_rows_of_a_batched_forward_are_bit_identical_to_the_request_alone(model):
+    """One forward over three requests' trees (padded to the measured row quantum) gives each
+    request the same hidden bits as a forward over its tree alone."""
+    q = row_quantum(model)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [[5, 9, 13, 77, 2, 40], [1, 2, 3], list(range(20, 45))]
+    trees = [_random_tree(gen, 7, n, 211) for n in (1, 5, 11)]
+
+    def run(indices):
+        caches, segs, ids, pos, row = [], [], [], [], 0
+        for i in indices:
+            c = model.new_cache(128)
+            model.forward_segments(torch.tensor(prompts[i]), torch.arange(len(prompts[i])),
+                                   [Segment(c, 0, len(prompts[i]), build_mask(causal_mask(len(prompts[i])), 0))], q)
+            t = trees[i]
+            segs.append(Segment(c, row, t.size, build_mask(t.ancestor_mask(), c.length)))
+            ids.append(t.tokens)
+            pos.append(t.positions(c.length))
+            row += t.size
+        with torch.inference_mode():
+            return model.forward_segments(torch.cat(ids), torch.cat(pos), segs, q)
+
+    together = run([0, 1, 2])
+    alone = torch.cat([run([i]) for i in range(3)])
+    assert torch.equal(together, alone)
+
+
+def _walk(tree: DraftTree, target: list[int]) -> tuple[list[int], int]:
+    """The sequential definition: follow the first child whose token is the argmax at its parent."""
+    kids = tree.children()
+    path = [0]
+    while True:
+        nxt = next((c for c in kids[path[-1]] if int(tree.tokens[c]) == target[path[-1]]), None)
+        if nxt is None:
+            return path, target[path[-1]]
+        path.append(nxt)
+
+
+def test_greedy_batch_acceptance_equals_the_tree_walk():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        trees = [_random_tree(gen, 1, int(torch.randint(1, 14, (), generator=gen)), 4) for _ in range(6)]
+        batch = VerifyBatch.from_trees(trees)
+        target = torch.randint(0, 4, (batch.size,), generator=gen)  # small vocab: many matches and duplicates
+        acc = accept_greedy_batch(batch, target)
+        for b, t in enumerate(trees):
+            s = int(batch.offsets[b])
+            want_path, want_bonus = _walk(t, target[s:s + t.size].tolist())
+            assert acc.paths[b] == want_path and acc.bonus[b] == want_bonus
+
+
+def test_eight_concurrent_requests_batched_equal_each_decoded_alone(model):
+    """8 requests of mixed strategies and samplers decoded concurrently (their verifier calls share
+    ticks) give each request the tokens it gets decoded alone; greedy ones equal plain decoding."""
+    def engine():
+        drafters = {"a": DrafterRunner(random_drafter(model, "a", 1)), "b": DrafterRunner(random_drafter(model, "b", 2)),
+                    "lookup": PromptLookupRunner()}
+        return TapsEngine(VerifierRunner(model, max_len=256), drafters, TreeConfig(depth=3, top_k=2, total_tokens=6), [])
+
+    specs = ["none", "single:a", "merged", "confidence", "none", "single:lookup", "merged", "entropy"]
+    requests = []
+    for i, spec in enumerate(specs):
+        prompt = [3 + i, 17, 42 + i, 5, 9, 3 + i, 17][: 3 + i % 5]
+        sampling = SamplingConfig() if i % 2 == 0 else SamplingConfig(temperature=0.8, seed=100 + i)
+        requests.append((prompt, parse_strategy(spec, ["a", "b", "lookup"]), sampling, 20))
+    batched = engine()
+    together = batched.generate_many(requests)
+    assert batched.scheduler.max_batch >= 4  # the requests really shared forwards
+    for req, got in zip(requests, together):
+        alone = engine().generate(*req)
+        assert got.token_ids == alone.token_ids, req[1].name
+        if req[2].greedy:
+            assert got.token_ids == greedy_reference(model, req[0], 20), req[1].name
+
+
+def test_a_failing_job_does_not_fail_its_tick(model):
+    runner = VerifierRunner(model, max_len=64)
+    sched = BatchingVerifier(runner, inline=True, cost=(0.01, 0.001))
+
+    async def run():
+        ok = sched.submit(PrefillJob("a", [1, 2, 3], SamplingConfig()))
+        too_long = sched.submit(PrefillJob("b", list(range(1, 70)), SamplingConfig()))
+        unknown = sched.submit(VerifyJob("zz", DraftTree.root_only(3)))
+        return await asyncio.gather(ok, too_long, unknown, return_exceptions=True)
+
+    ok, too_long, unknown = asyncio.run(run())
+    assert ok.root >= 0 and ok.hidden.shape == (3, 96)
+    assert "context window" in str(too_long) and isinstance(unknown, KeyError)
+    assert sched.ticks == 1 and runner.active_requests == 1
+    runner.release("a")
+    assert runner.active_requests == 0
+
+
+def test_tree_policy_shrinks_to_skip_under_load_and_drafts_when_idle():
+    big = TreeConfig(depth=5, top_k=4, total_tokens=16)
+    pol = TreePolicy({SKIP: 0.042, big: 0.077}, warmup=1, exploration=0.0, nodes={SKIP: 1, big: 16},
+                     draft_costs={SKIP: 0.0, big: 0.005})
+    pol.observe(SKIP, 1)
+    pol.observe(big, 3)
+    idle = Load(requests=1.0, c0=0.040, c1=0.002)
+    busy = Load(requests=8.0, c0=0.040, c1=0.002)
+    assert pol.choose(idle) == big  # 3 / 0.077 s beats 1 / 0.042 s
+    assert pol.choose(busy) == SKIP  # c0 is shared by 8: 16 rows cost others their tokens
+    assert pol.choose(None) == big  # no load known: the measured step costs
