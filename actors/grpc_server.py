@@ -2,13 +2,14 @@
 
 The server is a thin shell over any `runner` with
 
-    draft(request_id: str, tokens: LongTensor[m], hidden: FloatTensor[m, H], tree_config: TreeConfig,
-          start: int | None = None) -> DraftTree
+    draft_many(jobs: list[taps.drafting.DraftJob]) -> list[DraftTree | Exception]
     release(request_id: str) -> None
     describe() -> dict   # at least {"name", "hidden_size"}; optionally "vocab_size", "domain", ...
 
 (taps.drafting.DrafterRunner and taps.lookup.PromptLookupRunner are two).
-Per-request state lives in the runner; the server serializes calls for the same request id.
+Per-request state lives in the runner; the server serializes calls for the same request id, and
+gathers concurrent calls of different requests into one `draft_many` (a tick: drafting batched
+across the requests this drafter serves; calls that arrive during a tick go into the next one).
 
 Status codes: a malformed or invalid message -> INVALID_ARGUMENT (never reaches the runner);
 from the runner, KeyError -> NOT_FOUND, ValueError -> INVALID_ARGUMENT, anything else -> INTERNAL;
@@ -30,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from actors.codec import MAX_REQUEST_ID_CHARS, DraftCall, describe_to_pb, draft_request_from_pb, tree_to_pb
 from proto.taps.drafter.v1 import drafter_pb2 as pb
+from taps.drafting import DraftJob
 from taps.tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,44 @@ def _time_remaining(context) -> float | None:
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
+class DraftTicks:
+    """Concurrent Draft calls gathered into `runner.draft_many` ticks on one worker thread."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._cv = threading.Condition()
+        self._pending: list[dict] = []
+        self.ticks = 0
+        self.max_batch = 0
+        threading.Thread(target=self._work, name="drafter-ticks", daemon=True).start()
+
+    def draft(self, job: DraftJob) -> DraftTree:
+        slot = {"job": job, "done": threading.Event(), "out": None}
+        with self._cv:
+            self._pending.append(slot)
+            self._cv.notify()
+        slot["done"].wait()
+        if isinstance(slot["out"], BaseException):
+            raise slot["out"]
+        return slot["out"]
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                batch, self._pending = self._pending, []
+            try:
+                outs = self.runner.draft_many([s["job"] for s in batch])
+            except Exception as e:  # noqa: BLE001 - every caller of the tick hears it
+                outs = [e] * len(batch)
+            self.ticks += 1
+            self.max_batch = max(self.max_batch, len(batch))
+            for slot, out in zip(batch, outs):
+                slot["out"] = out
+                slot["done"].set()
+
+
 class RequestLocks:
     """One lock per request id, kept only while some call holds or waits for it (no growth over time)."""
 
@@ -145,6 +185,7 @@ class DrafterServicer:
         self.vocab_size = int(info.get("vocab_size") or 0)  # 0: token ids are not range-checked
         self.name = str(info.get("name") or getattr(runner, "name", ""))
         self.runner = runner
+        self.ticks = DraftTicks(runner)
         self.checkpoint_sha256 = checkpoint_sha256
         self.locks = RequestLocks()
 
@@ -170,8 +211,8 @@ class DrafterServicer:
                 raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"request {call.request_id}: the deadline passed before drafting started")
             t0 = time.perf_counter()
-            tree = _run(self.runner.draft, call.request_id, call.tokens, call.hidden, call.tree_config,
-                        start=call.start)
+            tree = _run(self.ticks.draft, DraftJob(call.request_id, call.tokens, call.hidden, call.tree_config,
+                                                   call.start))
             draft_time_s = time.perf_counter() - t0
         if not isinstance(tree, DraftTree):
             raise TypeError(f"runner.draft returned {type(tree).__name__}, expected DraftTree")
@@ -209,7 +250,7 @@ class DrafterServicer:
                 "Describe": unary(self.Describe, pb.DescribeRequest, pb.DescribeResponse)}
 
 
-def serve_drafter(runner, host: str = "127.0.0.1", port: int = 0, max_workers: int = 4,
+def serve_drafter(runner, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                   checkpoint_sha256: str = "") -> tuple[grpc.Server, int]:
     """Start the Drafter service and grpc.health.v1 on host:port (0 = any free port).
 

@@ -16,7 +16,6 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
     merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
     merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
     merged@bf16            drafters computed in bfloat16 (never affects the output)
-    merged@par             drafters of one step run in parallel threads (engines with `parallel_drafters`)
     merged@t=3/2/6         a fixed tree depth/top-k/total tokens
     merged@d=math/lookup   these drafters (`lookup`: n-gram prompt lookup, taps.lookup)
     hf / hf-lookup         Hugging Face `generate` greedy / prompt-lookup decoding (same weights)
@@ -76,7 +75,7 @@ class PhaseTimer:
 def instrument(timer: PhaseTimer) -> None:
     """Wrap the hot methods of the core with timers (process-wide; benchmark use only)."""
     import taps.compose as compose_mod
-    import taps.engine as engine_mod
+    import taps.loop as loop_mod
     import taps.verify as verify_mod
     from taps.drafting import DrafterRunner
     from taps.models.drafter import EagleDrafter
@@ -117,16 +116,16 @@ def instrument(timer: PhaseTimer) -> None:
     wrap(EagleDrafter, "draft_logits", lambda a, kw: "draft: head (8k vocab) logits")
 
     def llama_forward_name(a, kw):
-        t = a[1].shape[1]
+        t = a[1].shape[0]
         return f"verify: forward, {t:2d} tokens" if t <= 64 else "verify: prefill forward"
 
-    wrap(Llama, "forward", llama_forward_name)
+    wrap(Llama, "forward_segments", llama_forward_name)
     wrap(Llama, "logits", lambda a, kw: "verify: lm_head")
     wrap(KVCache, "keep", lambda a, kw: "verify: KV compaction")
     wrap(DraftTree, "ancestor_mask", lambda a, kw: "verify: tree mask")
-    verify_mod.accept_greedy = _timed(verify_mod.accept_greedy, timer, "verify: accept (greedy)")
+    verify_mod.accept_greedy_batch = _timed(verify_mod.accept_greedy_batch, timer, "verify: accept (greedy)")
     compose_mod.merge_trees = _timed(compose_mod.merge_trees, timer, "compose: merge/route")
-    engine_mod.compose = _timed(engine_mod.compose, timer, "compose: merge/route")
+    loop_mod.compose = _timed(loop_mod.compose, timer, "compose: merge/route")
 
 
 def _timed(fn, timer, name):
@@ -148,7 +147,6 @@ class Config:
     strategy: str = "none"
     auto: bool = False
     bf16: bool = False
-    parallel: bool = False
     tree: TreeConfig | None = None
     drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
     engine: object = None
@@ -166,8 +164,6 @@ def parse_config(spec: str) -> Config:
             c.auto = True
         elif o == "bf16":
             c.bf16 = True
-        elif o == "par":
-            c.parallel = True
         elif o.startswith("d="):
             c.drafters = o[2:].split("/")
         elif o.startswith("t="):
@@ -223,10 +219,6 @@ def build(configs: list[Config], args, verifier):
             continue
         rs = runners(c.bf16)
         eng = TapsEngine(vrunner, rs, c.tree or default_tree, verifier.eos_token_ids)
-        if c.parallel:
-            if not hasattr(eng, "parallel_drafters"):
-                raise SystemExit("this engine has no parallel drafting option")
-            eng.parallel_drafters = True
         strat = parse_strategy(c.strategy, c.drafters or default_names, available=list(rs))
         c.parsed = strat
         if c.auto:
@@ -234,7 +226,7 @@ def build(configs: list[Config], args, verifier):
 
             t0 = time.perf_counter()
             eng.policies[strat.name] = auto_policy(verifier.model, [rs[d] for d in strat.drafters], strat,
-                                                   parallel=c.parallel, memo=memo)
+                                                   memo=memo)
             print(f"[{c.spec}] cost model measured in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         c.engine = eng
     return vrunner

@@ -20,7 +20,7 @@ PROMPTS = ["What is 17*23?", "Write a haiku about the sea.", "Solve for x: 3x + 
            "How many days are in a leap year?", "Give me a tip for learning Python.", "What is 12 squared?"]
 
 
-async def one(client, url, headers, prompt, strategy, max_tokens):
+async def one(client, url, headers, prompt, strategy, max_tokens, with_stats=False):
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "taps": {"strategy": strategy}}
     t0 = time.perf_counter()
@@ -39,48 +39,65 @@ async def one(client, url, headers, prompt, strategy, max_tokens):
                 first = time.perf_counter() - t0
             if "taps" in msg:
                 final = msg["taps"]
-    return {"latency": time.perf_counter() - t0, "ttft": first, "token_ids": final["token_ids"],
-            "acceptance_length": final["acceptance_length"]}
+    out = {"latency": time.perf_counter() - t0, "ttft": first, "token_ids": final["token_ids"],
+           "acceptance_length": final["acceptance_length"]}
+    if with_stats:
+        out["stats"] = final
+    return out
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    if not (host in ("localhost", "::1") or host.startswith("127.")):
+        raise SystemExit("the load test only targets loopback addresses (127.0.0.0/8, localhost, ::1)")
+
+
+async def references(client, url: str, headers: dict, max_tokens: int, prompts=PROMPTS) -> dict:
+    """The server's own plain (`none`) output for every prompt, one request at a time."""
+    return {p: (await one(client, url, headers, p, "none", max_tokens)).get("token_ids") for p in prompts}
+
+
+async def drive(client, url: str, headers: dict, refs: dict, strategy: str, streams: int, requests: int,
+                max_tokens: int, time_limit: float = 600) -> dict:
+    """`requests` requests over `streams` concurrent streaming clients; every answer checked against refs."""
+    prompts = list(refs)
+    sem = asyncio.Semaphore(streams)
+    deadline = time.perf_counter() + time_limit
+
+    async def worker(i):
+        if time.perf_counter() > deadline:
+            return {"skipped": True}
+        async with sem:
+            p = prompts[i % len(prompts)]
+            out = await one(client, url, headers, p, strategy, max_tokens)
+            out["lossless"] = out.get("token_ids") == refs[p] if "token_ids" in out else None
+            return out
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(worker(i) for i in range(requests)))
+    wall = time.perf_counter() - t0
+    done = [r for r in results if "token_ids" in r]
+    lat = sorted(r["latency"] for r in done)
+    q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
+    tokens = sum(len(r["token_ids"]) for r in done)
+    return {"strategy": strategy, "streams": streams, "requests": len(done),
+            "errors": sum(1 for r in results if "error" in r), "skipped": sum(1 for r in results if r.get("skipped")),
+            "lossless_mismatches": sum(1 for r in done if not r["lossless"]),
+            "p50_s": round(q(0.5), 3), "p99_s": round(q(0.99), 3),
+            "ttft_p50_s": round(statistics.median(r["ttft"] for r in done), 3) if done else None,
+            "tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
+            "acceptance_length": round(statistics.mean(r["acceptance_length"] for r in done), 3) if done else None}
 
 
 async def run(args) -> dict:
     import httpx
 
-    host = urlparse(args.url).hostname or ""
-    if not (host in ("localhost", "::1") or host.startswith("127.")):
-        raise SystemExit("the load test only targets loopback addresses (127.0.0.0/8, localhost, ::1)")
+    check_loopback(args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(timeout=args.timeout) as client:
-        # reference outputs from plain decoding, one request at a time
-        refs = {}
-        for p in PROMPTS:
-            refs[p] = (await one(client, args.url, headers, p, "none", args.max_tokens)).get("token_ids")
-        sem = asyncio.Semaphore(args.streams)
-        deadline = time.perf_counter() + args.time_limit
-
-        async def worker(i):
-            if time.perf_counter() > deadline:
-                return {"skipped": True}
-            async with sem:
-                p = PROMPTS[i % len(PROMPTS)]
-                out = await one(client, args.url, headers, p, args.strategy, args.max_tokens)
-                out["lossless"] = out.get("token_ids") == refs[p] if "token_ids" in out else None
-                return out
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(worker(i) for i in range(args.requests)))
-        wall = time.perf_counter() - t0
-    done = [r for r in results if "token_ids" in r]
-    lat = sorted(r["latency"] for r in done)
-    q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan"))
-    tokens = sum(len(r["token_ids"]) for r in done)
-    return {"strategy": args.strategy, "streams": args.streams, "requests": len(done),
-            "errors": sum(1 for r in results if "error" in r), "skipped": sum(1 for r in results if r.get("skipped")),
-            "lossless_mismatches": sum(1 for r in done if not r["lossless"]),
-            "p50_s": round(q(0.5), 3), "p99_s": round(q(0.99), 3),
-            "ttft_p50_s": round(statistics.median(r["ttft"] for r in done), 3) if done else None,
-            "tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
-            "acceptance_length": round(statistics.mean(r["acceptance_length"] for r in done), 3) if done else None}
+        refs = await references(client, args.url, headers, args.max_tokens)
+        return await drive(client, args.url, headers, refs, args.strategy, args.streams, args.requests,
+                           args.max_tokens, args.time_limit)
 
 
 def main(argv=None) -> int:

@@ -75,8 +75,15 @@ def config_from_args(args) -> dict:
 
         base = ddir or default_drafter_dir()
         shipped = shipped_drafters(base)
-        cfg["drafters"] = ([{"name": n, "checkpoint": str(base / n)} for n in shipped]
-                           or [{"name": "math"}, {"name": "chat"}])
+        # the paper's pair and the weightless lookup drafter; every actor of a 2-CPU laptop fits
+        # (the other shipped drafters: `taps drafters add NAME=PATH` on the running server)
+        pair = [n for n in ("math", "chat") if n in shipped] or shipped[:2]
+        cfg["drafters"] = ([{"name": n, "checkpoint": str(base / n)} for n in pair] + [{"name": "lookup"}]
+                           if pair else [{"name": "math"}, {"name": "chat"}])
+        others = [n for n in shipped if n not in pair]
+        if others:
+            log.warning("starting drafters %s; also shipped (add with `taps drafters add NAME=%s/NAME`): %s",
+                        ", ".join(d["name"] for d in cfg["drafters"]), base, ", ".join(others))
     names = [d["name"] for d in cfg["drafters"]]
     if "default_drafters" not in cfg and {"math", "chat"} <= set(names):
         cfg["default_drafters"] = ["math", "chat"]  # the paper's pair; others are used when a request names them

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from taps.batching import row_quantum
 from taps.config import TreeConfig
 from taps.models.drafter import EagleDrafter
-from taps.models.llama import KVCache, build_mask, causal_mask
+from taps.models.llama import KVCache, Segment, build_mask, causal_mask
 from taps.tree import DraftTree
 
 
@@ -46,6 +47,7 @@ class DrafterRunner:
         self.drafter = drafter
         self.name = name or drafter.config.name
         self.max_len = max_len
+        self.pad_to = row_quantum(drafter)  # rows of every forward padded to it (batch-invariant drafts)
         self._states: dict[str, _RequestState] = {}
         self._lock = threading.Lock()
 
@@ -97,6 +99,66 @@ class DrafterRunner:
         `start` on replace what the cache holds there. A `start` past what this drafter has seen
         raises RequestStateLost (e.g. the drafter restarted); the caller then resends from 0.
         """
+        out = self.draft_many([DraftJob(request_id, tokens, hidden, tree, start)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def draft_many(self, jobs: list["DraftJob"]) -> list[DraftTree | Exception]:
+        """Draft for many requests at once: one forward feeds every request's new pairs, then one
+        forward per tree depth feeds every request's frontier, and one head call per depth scores
+        them all. A job that cannot run gets its exception in its slot."""
+        d = self.drafter
+        device = d.fc.weight.device
+        out: list = [None] * len(jobs)
+        live = []
+        for i, job in enumerate(jobs):
+            try:
+                live.append((i, *self._admit(job, device)))
+            except Exception as e:  # noqa: BLE001 - reported to that job's caller only
+                out[i] = e
+        if not live:
+            return out
+        # feed the new pairs of every request
+        segs, pos, row = [], [], 0
+        for _, job, st, tokens, _ in live:
+            m = tokens.shape[0]
+            segs.append(Segment(st.cache, row, m, build_mask(causal_mask(m, device), st.committed)))
+            pos.append(torch.arange(st.committed, st.committed + m, device=device))
+            row += m
+        feats = d.forward_segments(torch.cat([x[3] for x in live]), torch.cat([x[4] for x in live]),
+                                   torch.cat(pos), segs, self.pad_to)
+        growers = []
+        for (_, job, st, tokens, _), seg in zip(live, segs):
+            st.committed += tokens.shape[0]
+            growers.append(_Grower(int(tokens[-1]), feats[seg.row + seg.rows - 1], st, job.tree, d, self.name))
+        # depth 1: every root's children in one head call
+        self._expand(growers, torch.stack([g.root_feature for g in growers]), [[-1]] * len(growers),
+                     [torch.zeros(1, device=device)] * len(growers), 1)
+        for depth in range(2, max(g.cfg.depth for g in growers) + 1):
+            active = [g for g in growers if depth <= g.cfg.depth]
+            segs, toks, hid, pos, nodes, row = [], [], [], [], [], 0
+            for g in active:
+                n, t, h, p, mask = g.next_inputs(depth)
+                segs.append(Segment(g.st.cache, row, len(n), mask))
+                toks.append(t)
+                hid.append(h)
+                pos.append(p)
+                nodes.append(n)
+                row += len(n)
+            feats = d.forward_segments(torch.cat(toks), torch.cat(hid), torch.cat(pos), segs, self.pad_to)
+            parent_scores = []
+            for g, seg, n in zip(active, segs, nodes):
+                g.absorb(n, feats[seg.row:seg.row + seg.rows], seg.base)
+                parent_scores.append(torch.tensor([g.p_score[x] for x in n], device=device))
+            self._expand(active, feats, nodes, parent_scores, depth)
+        for (i, *_), g in zip(live, growers):
+            out[i] = g.result()
+        return out
+
+    def _admit(self, job: "DraftJob", device):
+        tokens, hidden = job.tokens, job.hidden
         m = tokens.shape[0]
         if m == 0 or hidden.ndim != 2 or hidden.shape[0] != m:
             raise ValueError(f"draft needs tokens [m] and hidden [m, H] with m >= 1, got {tuple(tokens.shape)} "
@@ -104,82 +166,111 @@ class DrafterRunner:
         if hidden.shape[1] != self.drafter.config.llama.hidden_size:
             raise ValueError(f"hidden size {hidden.shape[1]} != drafter hidden size "
                              f"{self.drafter.config.llama.hidden_size}")
-        device = self.drafter.fc.weight.device
-        tokens, hidden = tokens.to(device), hidden.to(device)
+        tree = job.tree
         tree_slots = 1 + max(0, tree.depth - 1) * tree.top_k
-        st = self._state(request_id)
-        if start is not None:
-            if start > st.committed:
-                self.release(request_id)
+        st = self._state(job.request_id)
+        if job.start is not None:
+            if job.start > st.committed:
+                self.release(job.request_id)
                 raise RequestStateLost(f"drafter {self.name} has {st.committed} pairs of request "
-                                       f"{request_id}, the call starts at {start}: resend from 0")
-            st.committed = start
+                                       f"{job.request_id}, the call starts at {job.start}: resend from 0")
+            st.committed = job.start
         if st.committed + m + tree_slots > self.max_len:
-            raise ValueError(f"request {request_id} exceeds the drafter context of {self.max_len} tokens")
-        cache = st.cache
-        cache.length = st.committed  # drop the previous step's tree
-        pos = torch.arange(st.committed, st.committed + m, device=device)[None]
-        out = self.drafter(tokens[None], hidden[None], pos, cache, build_mask(causal_mask(m, device), st.committed))
-        st.committed += m
-        return self._grow(tokens[-1], out[0, -1], st, tree)
+            raise ValueError(f"request {job.request_id} exceeds the drafter context of {self.max_len} tokens")
+        st.cache.length = st.committed  # drop the previous step's tree
+        return job, st, tokens.to(device), hidden.to(device)
 
-    def _grow(self, root: torch.Tensor, root_feature: torch.Tensor, st: _RequestState, cfg: TreeConfig) -> DraftTree:
-        d = self.drafter
-        device = root_feature.device
-        k = cfg.top_k
-        # Candidate pool, as python lists (small): token, parent (pool index, -1 = root), depth, score, entropy.
-        p_tok: list[int] = []
-        p_par: list[int] = []
-        p_dep: list[int] = []
-        p_score: list[float] = []
-        p_ent: list[float] = []
+    def _expand(self, growers: list["_Grower"], features: torch.Tensor, parents: list, parent_scores: list,
+                depth: int) -> None:
+        """One head call over every grower's frontier features [sum F, H]; each grower adds its candidates."""
+        logits = self.drafter.draft_logits(_pad_rows(features, self.pad_to))[: features.shape[0]]
+        logp = torch.log_softmax(logits, dim=-1)
+        at = 0
+        for g, par, ps in zip(growers, parents, parent_scores):
+            g.expand(logp[at:at + len(par)], par, ps, depth)
+            at += len(par)
 
-        def expand(features: torch.Tensor, parent_ids: list[int], parent_scores: torch.Tensor, depth: int):
-            # features: [F, H] -> adds F * k candidates; returns their pool ids [F, k] and scores [F, k]
-            logp = torch.log_softmax(d.draft_logits(features), dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)  # [F]
-            top_lp, top_ids = logp.topk(k, dim=-1)
-            tok = d.to_token_ids(top_ids)
-            scores = parent_scores[:, None] + top_lp  # [F, k]
-            base = len(p_tok)
-            p_tok.extend(tok.flatten().tolist())
-            p_par.extend(pid for pid in parent_ids for _ in range(k))
-            p_dep.extend([depth] * (len(parent_ids) * k))
-            p_score.extend(scores.flatten().tolist())
-            p_ent.extend(e for e in ent.tolist() for _ in range(k))
-            ids = torch.arange(base, base + len(parent_ids) * k).view(len(parent_ids), k)
-            return ids, scores
 
-        ids, scores = expand(root_feature[None], [-1], torch.zeros(1, device=device), 1)
-        frontier_ids, frontier_scores = ids.flatten(), scores.flatten()
-        fed_slot: dict[int, int] = {}  # pool id -> drafter cache slot of a fed node
-        feat: dict[int, torch.Tensor] = {}  # pool id -> feature the drafter predicted at that node
-        base_len = st.committed
-        for depth in range(2, cfg.depth + 1):
-            # feed the best top_k frontier nodes (depth - 1); their input feature is the parent's prediction
-            fsel = frontier_scores.topk(min(k, frontier_scores.numel())).indices
-            nodes = frontier_ids[fsel].tolist()
-            feats_in = torch.stack([root_feature if p_par[n] < 0 else feat[p_par[n]] for n in nodes])
-            tok_in = torch.tensor([p_tok[n] for n in nodes], device=device)
-            # mask [F, start + F]: the committed prefix, fed ancestors, and the node itself
-            start = st.cache.length
-            mask = torch.zeros(len(nodes), start + len(nodes), dtype=torch.bool, device=device)
-            mask[:, :base_len] = True
-            for row, n in enumerate(nodes):
-                mask[row, start + row] = True
-                a = p_par[n]
-                while a >= 0:
-                    mask[row, fed_slot[a]] = True
-                    a = p_par[a]
-            pos = torch.full((1, len(nodes)), base_len + depth - 2, device=device)
-            out = d(tok_in[None], feats_in[None], pos, st.cache, mask[None, None])[0]
-            for row, n in enumerate(nodes):
-                fed_slot[n] = start + row
-                feat[n] = out[row]
-            parent_scores = torch.tensor([p_score[n] for n in nodes], device=device)
-            ids, scores = expand(out, nodes, parent_scores, depth)
-            frontier_ids, frontier_scores = ids.flatten(), scores.flatten()
-        return _select(root, p_tok, p_par, p_dep, p_score, p_ent, cfg.total_tokens - 1, self.name)
+@dataclass(frozen=True)
+class DraftJob:
+    """One request's drafting call (see DrafterRunner.draft)."""
+
+    request_id: str
+    tokens: torch.Tensor
+    hidden: torch.Tensor
+    tree: TreeConfig
+    start: int | None = None
+
+
+def _pad_rows(x: torch.Tensor, q: int) -> torch.Tensor:
+    r = x.shape[0]
+    rp = -(-r // q) * q
+    return x if rp == r else torch.cat([x, x.new_zeros(rp - r, x.shape[1])])
+
+
+class _Grower:
+    """One request's EAGLE-2 tree growth, level by level (the model calls are batched outside).
+
+    Candidate pool, as python lists (small): token, parent (pool index, -1 = root), depth, score, entropy.
+    """
+
+    def __init__(self, root: int, root_feature: torch.Tensor, st: _RequestState, cfg: TreeConfig, drafter,
+                 name: str):
+        self.root, self.root_feature, self.st, self.cfg, self.d, self.name = root, root_feature, st, cfg, drafter, name
+        self.base_len = st.committed
+        self.p_tok: list[int] = []
+        self.p_par: list[int] = []
+        self.p_dep: list[int] = []
+        self.p_score: list[float] = []
+        self.p_ent: list[float] = []
+        self.fed_slot: dict[int, int] = {}  # pool id -> drafter cache slot of a fed node
+        self.feat: dict[int, torch.Tensor] = {}  # pool id -> feature the drafter predicted at that node
+        self.frontier_ids = self.frontier_scores = None
+
+    def expand(self, logp: torch.Tensor, parent_ids: list[int], parent_scores: torch.Tensor, depth: int) -> None:
+        """logp [F, V] of the F parents -> F * k candidates; they become the frontier."""
+        k = self.cfg.top_k
+        ent = -(logp.exp() * logp).sum(-1)  # [F]
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        tok = self.d.to_token_ids(top_ids)
+        scores = parent_scores[:, None] + top_lp  # [F, k]
+        base = len(self.p_tok)
+        self.p_tok.extend(tok.flatten().tolist())
+        self.p_par.extend(pid for pid in parent_ids for _ in range(k))
+        self.p_dep.extend([depth] * (len(parent_ids) * k))
+        self.p_score.extend(scores.flatten().tolist())
+        self.p_ent.extend(e for e in ent.tolist() for _ in range(k))
+        self.frontier_ids = torch.arange(base, base + len(parent_ids) * k)
+        self.frontier_scores = scores.flatten()
+
+    def next_inputs(self, depth: int):
+        """Feed the best top_k frontier nodes (depth - 1): (nodes, tokens, features, positions, mask)."""
+        device = self.root_feature.device
+        fsel = self.frontier_scores.topk(min(self.cfg.top_k, self.frontier_scores.numel())).indices
+        nodes = self.frontier_ids[fsel].tolist()
+        feats_in = torch.stack([self.root_feature if self.p_par[n] < 0 else self.feat[self.p_par[n]] for n in nodes])
+        tok_in = torch.tensor([self.p_tok[n] for n in nodes], device=device)
+        # mask [F, start + F]: the committed prefix, fed ancestors, and the node itself
+        start = self.st.cache.length
+        mask = torch.zeros(len(nodes), start + len(nodes), dtype=torch.bool, device=device)
+        mask[:, :self.base_len] = True
+        for row, n in enumerate(nodes):
+            mask[row, start + row] = True
+            a = self.p_par[n]
+            while a >= 0:
+                mask[row, self.fed_slot[a]] = True
+                a = self.p_par[a]
+        pos = torch.full((len(nodes),), self.base_len + depth - 2, device=device)
+        return nodes, tok_in, feats_in, pos, mask[None, None]
+
+    def absorb(self, nodes: list[int], out: torch.Tensor, start: int) -> None:
+        for row, n in enumerate(nodes):
+            self.fed_slot[n] = start + row
+            self.feat[n] = out[row]
+
+    def result(self) -> DraftTree:
+        return _select(self.root, self.p_tok, self.p_par, self.p_dep, self.p_score, self.p_ent,
+                       self.cfg.total_tokens - 1, self.name)
 
 
 def _select(root, p_tok, p_par, p_dep, p_score, p_ent, budget: int, name: str) -> DraftTree:

@@ -99,6 +99,16 @@ class PromptLookupRunner:
             drafters=(self.name,),
         )
 
+    def draft_many(self, jobs: list) -> list[DraftTree | Exception]:
+        """DrafterRunner.draft_many's calling convention (a lookup costs too little to batch)."""
+        out = []
+        for j in jobs:
+            try:
+                out.append(self.draft(j.request_id, j.tokens, j.hidden, j.tree, start=j.start))
+            except Exception as e:  # noqa: BLE001 - reported to that job's caller only
+                out.append(e)
+        return out
+
     def propose(self, hist: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier match of the longest suffix n-gram."""
         if k <= 0:

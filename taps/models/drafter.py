@@ -117,6 +117,28 @@ class EagleDrafter(nn.Module):
             cache.length = start + tokens.shape[1]
         return out
 
+    def forward_segments(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                         segments: list, pad_to: int = 1) -> torch.Tensor:
+        """Rows of many requests in one forward (tokens, positions [R], hidden [R, H]); each
+        segment (taps.models.llama.Segment) extends one request's drafter cache. -> features [R, H]."""
+        r = int(tokens.shape[0])
+        rp = -(-r // pad_to) * pad_to
+        if rp != r:
+            tokens = torch.cat([tokens, tokens.new_zeros(rp - r)])
+            positions = torch.cat([positions, positions.new_zeros(rp - r)])
+            hidden = torch.cat([hidden, hidden.new_zeros(rp - r, hidden.shape[1])])
+        for seg in segments:
+            if seg.base + seg.rows > seg.cache.max_len:
+                raise ValueError(f"drafter KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len}")
+            seg.layer = 0
+        emb = self.embed_tokens(tokens).to(self.fc.weight.dtype)
+        x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))[None]
+        cos, sin = self.rotary(positions[None], x.dtype)
+        out = self.layer.forward_segments(x, cos, sin, segments)
+        for seg in segments:
+            seg.cache.length = seg.base + seg.rows
+        return out[0, :r]
+
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[.., H] -> [.., V_draft] float logits (V_draft = vocab size without a reduced vocabulary)."""
         head = self.lm_head if self.lm_head is not None else self.verifier_lm_head
