@@ -5,6 +5,7 @@ taps.verify.VerifierRunner; calls from all router replicas are concurrent (an as
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -21,12 +22,14 @@ class VerifierActor:
     def __init__(self, verifier: str | None = None, dtype: str = "float32", max_len: int = 2048,
                  device: str | None = None, threads: int = 0, idle_timeout_s: float = 600.0,
                  max_batch_rows: int = 1024):
-        if threads:
-            torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction): on CPU the verifier,
+        # the one compute-bound actor, gets every core of its node unless told otherwise
+        if threads or device == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         self.verifier = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
-        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
+        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows, inline=True)
         self._last_used: dict[str, float] = {}
         self._idle_timeout_s = idle_timeout_s
 
@@ -35,6 +38,7 @@ class VerifierActor:
         return {"name": self.verifier.name, "directory": str(self.verifier.directory), "max_len": self.runner.max_len,
                 "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "identity": self.verifier.identity,
                 "active_requests": self.runner.active_requests, "device": str(self.runner.device),
+                "torch_threads": torch.get_num_threads(),
                 "row_quantum": self.runner.pad_to, "ticks": self.scheduler.ticks,
                 "max_batch": self.scheduler.max_batch, "load": self.scheduler.load().to_dict()}
 

@@ -155,7 +155,13 @@ class BatchingVerifier:
                         if self._executor is None:
                             from concurrent.futures import ThreadPoolExecutor
 
-                            self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-tick")
+                            import torch
+
+                            # a new thread starts with the process's OMP default (Ray: the actor's
+                            # CPU share, often 1): give it the caller's torch thread count
+                            self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-tick",
+                                                                initializer=torch.set_num_threads,
+                                                                initargs=(torch.get_num_threads(),))
                         results = await loop.run_in_executor(self._executor, self.runner.step, jobs)
                 except Exception as e:  # noqa: BLE001 - the whole forward failed: every caller hears it
                     results = [e] * len(jobs)
