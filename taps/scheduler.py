@@ -10,6 +10,10 @@ deployment; a tick mixes prefills and trees of any size, is bounded by rows rath
 must never wait for a batch to fill (a timer would add latency at 1 stream). The ticker is plain
 asyncio, so the in-process engine and the verifier actor use the same one.
 
+Gathering: after a tick, the ticker waits (at most half the last tick's time) until every request
+the verifier holds has its next job waiting; then streams stay in step and share ticks instead of
+alternating (each one's call arriving while the other's tick runs).
+
 `Load` is what the tree policies see (taps.adaptive): how many requests share a tick and what a
 tick costs (`c0 + c1 * rows`, from a start-up measurement scaled by the ticks observed since).
 """
@@ -79,7 +83,7 @@ class BatchingVerifier:
     taking calls while a tick runs."""
 
     def __init__(self, runner: VerifierRunner, max_rows: int = 1024, inline: bool = False,
-                 cost: tuple[float, float] | None = None):
+                 cost: tuple[float, float] | None = None, gather_frac: float = 0.5):
         self.runner = runner
         self.max_rows = max_rows
         self.inline = inline
@@ -90,6 +94,8 @@ class BatchingVerifier:
         self._executor = None
         self.ticks = 0
         self.max_batch = 0  # most requests seen in one tick
+        self.gather_frac = gather_frac
+        self._last_tick_s = 0.0
 
     def load(self) -> Load:
         return self.meter.load()
@@ -136,6 +142,28 @@ class BatchingVerifier:
             if quiet >= 3:
                 return
 
+    async def _gather(self) -> None:
+        """Wait (at most `gather_frac` of the last tick's time) until every request the verifier holds
+        has a job waiting. Without this, two streams ping-pong: each one's call arrives while the
+        other's tick runs, and no tick ever holds both."""
+        limit = self.gather_frac * self._last_tick_s
+        if limit <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        t_end = loop.time() + limit
+        while True:
+            waiting = {j.request_id for j, f in self._pending if not f.done()}
+            if len(waiting & self.runner.request_ids()) >= self.runner.active_requests:
+                return
+            left = t_end - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                return
+
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -143,6 +171,7 @@ class BatchingVerifier:
             self._wake.clear()
             while self._pending:
                 await self._settle()
+                await self._gather()
                 batch = self._take()
                 if not batch:
                     continue
@@ -166,8 +195,9 @@ class BatchingVerifier:
                 except Exception as e:  # noqa: BLE001 - the whole forward failed: every caller hears it
                     results = [e] * len(jobs)
                 tick = self.runner.last_tick
+                self._last_tick_s = time.perf_counter() - t0
                 if tick is not None:
-                    self.meter.observe(tick.requests, tick.rows, time.perf_counter() - t0)
+                    self.meter.observe(tick.requests, tick.rows, self._last_tick_s)
                 self.ticks += 1
                 self.max_batch = max(self.max_batch, len(jobs))
                 for (_, fut), res in zip(batch, results):

@@ -135,6 +135,9 @@ class VerifierRunner:
     def active_requests(self) -> int:
         return len(self._requests)
 
+    def request_ids(self) -> set[str]:
+        return set(self._requests)
+
     def release(self, request_id: str) -> None:
         with self._lock:
             st = self._requests.pop(request_id, None)
