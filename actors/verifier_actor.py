@@ -23,10 +23,12 @@ class VerifierActor:
                  device: str | None = None, threads: int = 0, idle_timeout_s: float = 600.0,
                  max_batch_rows: int = 1024):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction): on CPU the verifier,
-        # the one compute-bound actor, gets every core of its node unless told otherwise
+        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction). On CPU the verifier,
+        # the one compute-bound actor, gets every core but one unless told otherwise: the router,
+        # the HTTP proxy and the drafters need the last one (2 cores, 1 stream: 110 ms per step
+        # with 1 verifier thread, 130 ms with 2 threads competing with them; docs/performance.md)
         if threads or device == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
         self.verifier = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
         self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows, inline=True)

@@ -484,7 +484,8 @@ def build_app(args: dict | None = None):
     deployment = serve.deployment(
         name="taps-router",
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": max(1, cfg.max_concurrent // 2)},
+                            # a replica only decodes and waits (the verifier batches): scale when one is full
+                            "target_ongoing_requests": cfg.max_concurrent},
         max_ongoing_requests=cfg.max_concurrent + cfg.max_queue + 4,
         ray_actor_options={"num_cpus": 0.25},
         health_check_period_s=10,

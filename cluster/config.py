@@ -47,7 +47,7 @@ class AppConfig(BaseModel):
     max_len: int = Field(2048, ge=64, le=131072)  # verifier context window used
     max_tokens_limit: int = Field(1024, ge=1)  # largest max_tokens a request may ask for
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
-    max_concurrent: int = Field(8, ge=1)  # requests decoding at once per router replica
+    max_concurrent: int = Field(16, ge=1)  # requests decoding at once per router replica (batched by the verifier)
     max_queue: int = Field(32, ge=0)  # requests waiting per replica beyond that get 429
     deadline_ms: int = Field(5000, ge=10)  # per-step drafter deadline; late drafters sit the step out
     gpu: bool = False  # ask Ray for GPUs (cluster) instead of CPU shares (local)

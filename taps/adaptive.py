@@ -274,6 +274,8 @@ def online_policy(strategy, **policy_kw) -> TreePolicy:
     cands = auto_candidates(strategy)
     n, merged = len(strategy.drafters), strategy.kind == "merged"
     nodes = {c: verified_size(c, n, merged) for c in cands}
+    # one warm-up step per arm: under load every exploratory big tree costs other streams tokens
+    policy_kw.setdefault("warmup", 1)
     return TreePolicy({c: 1e-3 * nodes[c] for c in cands}, online=True, nodes=nodes, **policy_kw)
 
 
