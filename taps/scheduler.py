@@ -32,13 +32,18 @@ class Load:
     requests: float  # requests per tick (moving average); 1 when the verifier serves one stream
     c0: float  # seconds of a tick that do not depend on its rows
     c1: float  # seconds per verified row
+    quantum: int = 1  # ticks are padded to a multiple of this many rows (taps.batching.row_quantum)
 
     def share(self, rows: int) -> float:
-        """Verifier seconds one request's step of `rows` rows costs when `requests` share each tick."""
-        return self.c0 / max(1.0, self.requests) + self.c1 * rows
+        """Verifier seconds one request's step of `rows` rows costs when `requests` share each tick.
+        Alone, a step pays for its padded rows (a 1-row step already pays for `quantum`, so a tree
+        that fits in them is free); shared, padding is spread over the tick and a row costs c1."""
+        if self.requests < 1.5:
+            return self.c0 + self.c1 * (-(-rows // self.quantum) * self.quantum)
+        return self.c0 / self.requests + self.c1 * rows
 
     def to_dict(self) -> dict:
-        return {"requests": self.requests, "c0": self.c0, "c1": self.c1}
+        return {"requests": self.requests, "c0": self.c0, "c1": self.c1, "quantum": self.quantum}
 
 
 class LoadMeter:
@@ -58,12 +63,13 @@ class LoadMeter:
         if predicted > 0 and seconds > 0:
             self.scale = d * self.scale + (1 - d) * min(10.0, max(0.1, seconds / predicted))
 
-    def load(self) -> Load:
-        return Load(self.requests, self.c0 * self.scale, self.c1 * self.scale)
+    def load(self, quantum: int = 1) -> Load:
+        return Load(self.requests, self.c0 * self.scale, self.c1 * self.scale, quantum)
 
 
-def fit_tick_cost(runner: VerifierRunner, sizes=(4, 16, 48), repeats: int = 2) -> tuple[float, float]:
-    """(c0, c1): least-squares line through one-request forward times at a few row counts."""
+def fit_tick_cost(runner: VerifierRunner, sizes=(16, 32, 64), repeats: int = 2) -> tuple[float, float]:
+    """(c0, c1): least-squares line through one-request forward times at a few row counts (multiples
+    of every row quantum, so the line is through padded rows)."""
     from taps.costmodel import measure_verifier
 
     table = measure_verifier(runner.model, sizes=sizes, repeats=repeats, prefix=32)
@@ -98,7 +104,7 @@ class BatchingVerifier:
         self._last_tick_s = 0.0
 
     def load(self) -> Load:
-        return self.meter.load()
+        return self.meter.load(self.runner.pad_to)
 
     async def submit(self, job: PrefillJob | VerifyJob):
         loop = asyncio.get_running_loop()
@@ -197,7 +203,8 @@ class BatchingVerifier:
                 tick = self.runner.last_tick
                 self._last_tick_s = time.perf_counter() - t0
                 if tick is not None:
-                    self.meter.observe(tick.requests, tick.rows, self._last_tick_s)
+                    q = self.runner.pad_to
+                    self.meter.observe(tick.requests, -(-tick.rows // q) * q, self._last_tick_s)
                 self.ticks += 1
                 self.max_batch = max(self.max_batch, len(jobs))
                 for (_, fut), res in zip(batch, results):

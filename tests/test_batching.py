@@ -167,3 +167,12 @@ def test_tree_policy_shrinks_to_skip_under_load_and_drafts_when_idle():
     assert pol.choose(idle) == big  # 3 / 0.077 s beats 1 / 0.042 s
     assert pol.choose(busy) == SKIP  # c0 is shared by 8: 16 rows cost others their tokens
     assert pol.choose(None) == big  # no load known: the measured step costs
+    # alone, a step pays for its padded rows: a tree that fits the row quantum costs no more than SKIP
+    small = TreeConfig(depth=2, top_k=2, total_tokens=4)
+    pol = TreePolicy({SKIP: 0.05, small: 0.06}, warmup=1, exploration=0.0, nodes={SKIP: 1, small: 4},
+                     draft_costs={SKIP: 0.0, small: 0.002})
+    pol.observe(SKIP, 1)
+    pol.observe(small, 1.2)
+    padded = Load(requests=1.0, c0=0.040, c1=0.004, quantum=8)
+    assert padded.share(1) == padded.share(8) < padded.share(9)
+    assert pol.choose(padded) == small and pol.choose(Load(1.0, 0.040, 0.004, quantum=1)) == SKIP

@@ -232,15 +232,31 @@ def test_malformed_json_and_keys(cluster):
 
 
 def test_client_disconnect_mid_stream_leaves_no_request_state(cluster):
+    """A client hangs up while its request shares verifier ticks with three others: its state goes,
+    the others finish, token-identical to plain decoding."""
+    import concurrent.futures as cf
+
     from cluster.app import NAMESPACE
+
+    client = _client(cluster)
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(3)]
+    refs = [_reference(cluster, cluster["verifier"].encode_chat(m), 40) for m in prompts]
+
+    def other(i):
+        r = client.chat.completions.create(model="tiny", messages=prompts[i], max_tokens=40, temperature=0,
+                                           extra_body={"taps": {"strategy": ["none", "merged", "confidence"][i]}})
+        return r.model_extra["taps"]["token_ids"]
 
     body = {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "stream": True,
             "taps": {"strategy": "merged", "drafters": ["math", "chat"]}}
-    with httpx.stream("POST", cluster["base"] + "/v1/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 2:
-                break  # hang up mid-stream
+    with cf.ThreadPoolExecutor(3) as pool:
+        others = [pool.submit(other, i) for i in range(3)]
+        with httpx.stream("POST", cluster["base"] + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 2:
+                    break  # hang up mid-stream
+        assert [f.result() for f in others] == refs
     verifier = ray.get_actor("taps-verifier", namespace=NAMESPACE)
     drafters = [ray.get_actor(f"taps-drafter-{n}-0", namespace=NAMESPACE) for n in ("math", "chat")]
     t0 = time.time()
