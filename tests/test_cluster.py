@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
         paths[name] = root / "drafters" / name
         save_drafter(new_drafter(name, verifier, seed=10 + i), paths[name])
     port = _free_port()
-    cfg = {"verifier": str(vdir), "dtype": "float64", "tree": TREE, "strategy": "merged",
+    cfg = {"verifier": str(vdir), "dtype": "float64", "tree": {**TREE, "mode": "fixed"}, "strategy": "merged",
            "drafters": [{"name": "math", "checkpoint": str(paths["math"])},
                         {"name": "chat", "checkpoint": str(paths["chat"])}],
            "api_key": API_KEY, "admin_key": ADMIN_KEY, "max_len": 512, "max_tokens_limit": 64,
