@@ -51,7 +51,7 @@ def test_train_in_the_serving_cluster_then_add_and_use(tmp_path):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"verifier": str(vdir), "dtype": "float64", "drafters": [], "max_len": 512,
-                             "tree": {"depth": 3, "top_k": 2, "total_tokens": 6}, "deadline_ms": 20000}),
+                             "tree": {"depth": 3, "top_k": 2, "total_tokens": 6, "mode": "fixed"}, "deadline_ms": 20000}),
                   name="taps", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
         # train through the job server of the very cluster that serves
