@@ -10,16 +10,18 @@ are request b's nodes. Worked example, two requests:
     batch:     tokens [r, a, b, s, c, d, e]
                parents [-1, 0, 0, -1, 3, 4, 4]   offsets [0, 3, 7]
 
-Acceptance, defined once for the whole batch (paper Lemma A.1; SpecInfer / EAGLE):
+Acceptance, defined once for the whole batch (`accept_greedy_batch`): every node has a *target*,
+the verifier's token at the position after it; a node is accepted iff its parent is and it is the
+first child (in node order) whose token equals the parent's target. Accepted nodes form one root
+path per request; the bonus token is the target at the path's last node.
 
-- greedy: a node is accepted iff its parent is and it is the first child (in node order) whose token
-  equals the verifier's argmax at the parent. Accepted nodes form one root path per request; the
-  bonus token is the argmax at the path's last node.
-- sampling: at the current node u of each request, its children are tried in node order; child x is
-  accepted with probability residual(x) / sum(residual) (residual starts as the target distribution
-  at u; a rejected child's token gets residual 0). If every child is rejected (or u has none) the
-  bonus token is sampled from the residual. One uniform per node and one for the bonus come from
-  the request's own generator, so a seeded request draws the same numbers whatever it is batched with.
+- temperature 0: the target is the argmax.
+- temperature > 0: the target is a sample, by the Gumbel-max trick with noise keyed by (request
+  seed, sequence position) (`gumbel_targets`). Each emitted token is then an exact sample of the
+  verifier's distribution at its position, and the tokens are the ones plain decoding (`none`)
+  draws with the same seed: drafts only decide how many of them one forward yields. A draft token
+  x is accepted with probability p(x), several distinct children with the sum of theirs, as with
+  multi-candidate rejection sampling (SpecInfer / EAGLE; the paper's Lemma A.1).
 
 Row invariance: CPU matmul kernels pick their blocking from the row count, so row i of X @ W.T can
 differ in the last bits between a 1-row and an 8-row call. `row_quantum` finds, by measuring the
@@ -120,44 +122,19 @@ def accept_greedy_batch(batch: VerifyBatch, target_ids: torch.Tensor) -> Accepte
     return Accepted(_paths(batch, accepted), target_ids[last].tolist())
 
 
-def accept_sampling_batch(batch: VerifyBatch, target_probs: torch.Tensor, node_u: torch.Tensor,
-                          bonus_u: torch.Tensor) -> Accepted:
-    """target_probs [N, V]; node_u [N] and bonus_u [B] uniforms in [0, 1) -> paths and bonus tokens."""
-    b = batch.requests
-    rows = torch.arange(b)
-    kids = batch.children()
-    cur = batch.offsets[:-1].clone()  # every request starts at its root
-    active = torch.ones(b, dtype=torch.bool)
-    accepted = torch.zeros(batch.size, dtype=torch.bool)
-    accepted[cur] = True
-    final = torch.zeros(b, target_probs.shape[1], dtype=target_probs.dtype)
-    while bool(active.any()):
-        residual = target_probs[cur].clone()
-        nxt = torch.full((b,), -1, dtype=torch.long)
-        for j in range(kids.shape[1]):
-            c = kids[cur, j]
-            trying = active & (c >= 0) & (nxt < 0)
-            if not bool(trying.any()):
-                continue
-            cc = c.clamp(min=0)
-            x = batch.tokens[cc]
-            px = residual[rows, x]
-            ok = trying & (node_u[cc] * residual.sum(-1) < px)
-            nxt = torch.where(ok, c, nxt)
-            rejected = trying & ~ok
-            residual[rows[rejected], x[rejected]] = 0.0
-        stop = active & (nxt < 0)
-        final[stop] = residual[stop]
-        active = active & (nxt >= 0)
-        accepted[nxt[active]] = True
-        cur = torch.where(active, nxt, cur)
-    empty = final.sum(-1) <= 0  # every token rejected (cannot happen with exact arithmetic): the target itself
-    final[empty] = target_probs[cur[empty]]
-    cdf = final.cumsum(-1)
-    bonus = torch.searchsorted(cdf, (bonus_u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
-    last_nz = final.shape[1] - 1 - (final > 0).flip(-1).int().argmax(-1)
-    bonus = torch.minimum(bonus, last_nz)
-    return Accepted(_paths(batch, accepted), bonus.tolist())
+def gumbel_targets(logp: torch.Tensor, seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """The sampled token for each row of `logp` [N, V] (log target probabilities): the argmax of
+    logp + Gumbel noise, where the noise depends only on (seed, positions[i]), the sequence position
+    the row's token would take. The Gumbel-max trick makes each token an exact sample of its row's
+    distribution, and because the noise is keyed by position, a seeded request draws the same token
+    at a position whatever tree, strategy or batch verified it."""
+    out = torch.empty(logp.shape[0], dtype=torch.long)
+    for pos in positions.unique().tolist():
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + pos) % (2 ** 63))
+        u = torch.rand(logp.shape[1], generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+        rows = (positions == pos).nonzero()[:, 0]
+        out[rows] = (logp[rows].double() - torch.log(-torch.log(u))).argmax(-1)
+    return out
 
 
 _QUANTUM: dict = {}

@@ -2,24 +2,12 @@
 
 `VerifierRunner.step` runs one verifier forward over the prefills and draft trees of many
 requests (each tree flattened with its ancestor mask and depth positions; see taps.batching),
-then finds every request's accepted path with one tensor function over the batch:
-
-- temperature 0: follow, from the root, the child whose token equals the
-  verifier's argmax at its parent; the bonus token is the argmax at the last
-  accepted node.
-- temperature > 0: multi-candidate rejection sampling for deterministic draft
-  tokens. At node u with target distribution target_probs(.|u), try u's
-  children in order: accept child token x with probability target_probs(x)
-  (the draft proposed x with certainty, so min(1, p/q) = p); on rejection set
-  target_probs(x) = 0 and renormalise (the residual max(0, p - q)). If every
-  child is rejected, the bonus token is sampled from the residual; after the
-  last accepted node it is sampled from that node's distribution. Duplicate
-  sibling tokens (merged trees) are simply rejected the second time because
-  their residual mass is 0. This preserves the verifier's distribution
-  exactly (SpecInfer / EAGLE; the paper's Lemma A.1).
-
-Accepted tokens ("accepted") are draft tokens on the path; the "bonus" token
-is the verifier's own; a step emits accepted + bonus.
+then finds every request's accepted path with one tensor function over the batch: at each node
+the verifier's token for the next position (argmax at temperature 0, a Gumbel-max sample keyed by
+the request's seed and the position at temperature > 0) is compared with the node's children.
+Accepted tokens ("accepted") are draft tokens on the path; the "bonus" token is the verifier's own;
+a step emits accepted + bonus. Output equals plain decoding (`none`) token for token, at any
+temperature for a seeded request, whatever drafts, strategy or batch.
 """
 
 from __future__ import annotations
@@ -30,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taps.batching import VerifyBatch, accept_greedy_batch, accept_sampling_batch, row_quantum
+from taps.batching import VerifyBatch, accept_greedy_batch, gumbel_targets, row_quantum
 from taps.config import SamplingConfig
 from taps.models.llama import KVCache, Llama, Segment, build_mask, causal_mask
 from taps.tree import DraftTree
@@ -76,8 +64,8 @@ def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
 
 @dataclass(frozen=True)
 class PrefillJob:
-    """Start a request: run its prompt, keep its KV cache, sampling config and RNG (seeded from
-    sampling.seed; a given `generator` replaces that)."""
+    """Start a request: run its prompt, keep its KV cache, sampling config and sampling seed
+    (sampling.seed; an unseeded request draws one, from `generator` when given)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -98,7 +86,13 @@ class VerifyJob:
 class _Request:
     cache: KVCache
     sampling: SamplingConfig
-    generator: torch.Generator
+    seed: int  # keys the sampling noise of every position (taps.batching.gumbel_targets)
+
+    def targets(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The verifier's token at each row's next position: argmax, or a seeded sample."""
+        if self.sampling.greedy:
+            return logits.argmax(-1)
+        return gumbel_targets(torch.log(process_logits(logits, self.sampling)), self.seed, positions)
 
 
 @dataclass
@@ -197,20 +191,20 @@ class VerifierRunner:
                          else torch.arange(s.row, s.row + s.rows) for i, s in live])
         logits = self._logits(hidden[sel.to(dev)]).cpu()
         at = 0
-        trees = {"greedy": [], "sample": []}  # (job index, segment, logits rows)
+        trees = []  # (job index, segment, the verifier's token after each node)
         for i, s in live:
             n = 1 if isinstance(jobs[i], PrefillJob) else s.rows
             rows = logits[at:at + n]
             at += n
+            st = self._requests[jobs[i].request_id]
             if isinstance(jobs[i], PrefillJob):
-                st = self._requests[jobs[i].request_id]
-                out[i] = PrefillResult(root=self._sample(rows[0], st), hidden=hidden[s.row:s.row + s.rows])
+                root = int(st.targets(rows, torch.tensor([s.rows]))[0])  # the token at position n
+                out[i] = PrefillResult(root=root, hidden=hidden[s.row:s.row + s.rows])
             else:
-                greedy = self._requests[jobs[i].request_id].sampling.greedy
-                trees["greedy" if greedy else "sample"].append((i, s, rows))
-        for kind, group in trees.items():
-            if group:
-                self._accept(kind, jobs, group, hidden, out)
+                tree = jobs[i].tree
+                trees.append((i, s, st.targets(rows, tree.depths + (s.base + 1))))
+        if trees:
+            self._accept(jobs, trees, hidden, out)
         self.last_tick = TickStats(len(live), row, time.perf_counter() - t0)
         return out
 
@@ -224,14 +218,13 @@ class VerifierRunner:
                                            f"context window of {self.max_len} tokens")
             if job.request_id in self._requests:
                 raise ValueError(f"request {job.request_id} is already started")
-            gen = job.generator
-            if gen is None:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(job.sampling.seed if job.sampling.seed is not None
-                                else int(torch.randint(2**62, ()).item()))
+            if job.sampling.seed is not None:
+                seed = job.sampling.seed
+            else:  # unseeded: a fresh seed (from `generator` when given)
+                seed = int(torch.randint(2**62, (), generator=job.generator).item())
             cache = self._slot()
             with self._lock:
-                self._requests[job.request_id] = _Request(cache, job.sampling, gen)
+                self._requests[job.request_id] = _Request(cache, job.sampling, seed)
             mask = build_mask(causal_mask(n, self.device), 0)
             return (Segment(cache, row, n, mask), torch.tensor(job.prompt_ids, dtype=torch.long),
                     torch.arange(n))
@@ -244,26 +237,10 @@ class VerifierRunner:
         mask = build_mask(tree.ancestor_mask().to(self.device), base)
         return Segment(st.cache, row, tree.size, mask), tree.tokens, tree.positions(base)
 
-    def _sample(self, logits: torch.Tensor, st: _Request) -> int:
-        if st.sampling.greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(process_logits(logits, st.sampling), 1, generator=st.generator))
-
-    def _accept(self, kind: str, jobs, group, hidden: torch.Tensor, out: list) -> None:
-        batch = VerifyBatch.from_trees([jobs[i].tree for i, _, _ in group])
-        logits = torch.cat([rows for _, _, rows in group])
-        if kind == "greedy":
-            acc = accept_greedy_batch(batch, logits.argmax(-1))
-        else:
-            probs, node_u, bonus_u = [], [], []
-            for i, s, rows in group:
-                st = self._requests[jobs[i].request_id]
-                probs.append(process_logits(rows, st.sampling))
-                u = torch.rand(s.rows + 1, generator=st.generator, dtype=torch.float64)
-                node_u.append(u[:-1])
-                bonus_u.append(u[-1:])
-            acc = accept_sampling_batch(batch, torch.cat(probs).double(), torch.cat(node_u), torch.cat(bonus_u))
-        for (i, s, _), path, bonus in zip(group, acc.paths, acc.bonus):
+    def _accept(self, jobs, trees, hidden: torch.Tensor, out: list) -> None:
+        batch = VerifyBatch.from_trees([jobs[i].tree for i, _, _ in trees])
+        acc = accept_greedy_batch(batch, torch.cat([t for _, _, t in trees]))
+        for (i, s, _), path, bonus in zip(trees, acc.paths, acc.bonus):
             tree = jobs[i].tree
             keep = torch.tensor(path, device=self.device)
             s.cache.keep(s.base, keep + s.base)  # compact: root + accepted nodes stay, the rest of the tree goes
@@ -277,7 +254,7 @@ class VerifierRunner:
 
     def verify(self, request_id: str, tree: DraftTree, sampling: SamplingConfig | None = None,
                generator: torch.Generator | None = None) -> VerifyResult:
-        """Verify one tree (sampling and generator are the request's own, fixed at prefill)."""
+        """Verify one tree (sampling config and seed are the request's own, fixed at prefill)."""
         return _one(self.step([VerifyJob(request_id, tree)]))
 
     @torch.inference_mode()

@@ -138,6 +138,26 @@ def test_drafting_many_requests_at_once_equals_drafting_each_alone(model):
     assert many.active_requests == 3
 
 
+def test_seeded_sampling_equals_plain_decoding_with_the_same_seed(model):
+    """At T > 0 a seeded request emits exactly the tokens `none` samples with that seed, whatever the
+    strategy drafts (the sampling noise is keyed by seed and position, not by the tree)."""
+    drafters = {"a": DrafterRunner(random_drafter(model, "a", 1)), "b": DrafterRunner(random_drafter(model, "b", 2)),
+                "lookup": PromptLookupRunner()}
+    eng = TapsEngine(VerifierRunner(model, max_len=256), drafters, TreeConfig(depth=3, top_k=2, total_tokens=6), [])
+    prompt = [3, 17, 42, 5, 9]
+    for seed, sampling in enumerate([SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9),
+                                     SamplingConfig(temperature=1.3, top_k=5)]):
+        s = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed)
+        plain = eng.generate(prompt, parse_strategy("none", []), s, 24).token_ids
+        other = eng.generate(prompt, parse_strategy("none", []),
+                             SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p,
+                                            top_k=sampling.top_k, seed=seed + 100), 24).token_ids
+        assert other != plain  # the seed matters
+        for spec in ("single:a", "merged", "confidence", "single:lookup"):
+            res = eng.generate(prompt, parse_strategy(spec, ["a", "b", "lookup"]), s, 24)
+            assert res.token_ids == plain, (spec, s)
+
+
 def test_a_failing_job_does_not_fail_its_tick(model):
     runner = VerifierRunner(model, max_len=64)
     sched = BatchingVerifier(runner, inline=True, cost=(0.01, 0.001))

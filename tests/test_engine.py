@@ -17,7 +17,7 @@ from taps.models.drafter import DrafterMismatchError
 from taps.models.llama import causal_mask
 from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
-from taps.batching import VerifyBatch, accept_sampling_batch
+from taps.batching import VerifyBatch, accept_greedy_batch, gumbel_targets
 from taps.verify import ContextOverflowError, VerifierRunner
 
 STRATEGIES = ["none", "single:a", "single:b", "confidence", "entropy", "merged"]
@@ -212,17 +212,17 @@ def test_drafter_cache_trim_equals_drafting_from_scratch(tiny):
 
 
 def test_sampling_acceptance_first_token_distribution_exact():
-    """Batched sampling acceptance with duplicate siblings: the emitted token follows target_probs
-    exactly (20,000 copies of one tree verified as one batch, one uniform per node)."""
+    """T > 0 with duplicate siblings: seeded Gumbel-max targets make the emitted token follow
+    target_probs exactly (20,000 seeds, one tree per seed verified as one batch)."""
     target = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
     # root children: token 1, token 2, token 1 again (duplicate from another subtree), token 4
     tree = DraftTree(torch.tensor([0, 1, 2, 1, 4]), torch.tensor([-1, 0, 0, 0, 0]), torch.tensor([0, 1, 1, 1, 1]),
                      torch.zeros(5), torch.zeros(5), torch.tensor([0, 0, 0, 1, 1]))
     n = 20000
     batch = VerifyBatch.from_trees([tree] * n)
-    gen = torch.Generator().manual_seed(0)
-    acc = accept_sampling_batch(batch, target.expand(5 * n, 5), torch.rand(5 * n, generator=gen, dtype=torch.float64),
-                                torch.rand(n, generator=gen, dtype=torch.float64))
+    logp = target.log().expand(5, 5)
+    targets = torch.cat([gumbel_targets(logp, seed, tree.depths + 10) for seed in range(n)])
+    acc = accept_greedy_batch(batch, targets)
     counts = torch.zeros(5)
     for path, bonus in zip(acc.paths, acc.bonus):
         assert len(path) <= 2  # the accepted children are leaves
