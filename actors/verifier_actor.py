@@ -31,7 +31,7 @@ class VerifierActor:
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
         self.verifier = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
-        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows, inline=True)
+        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
         self._last_used: dict[str, float] = {}
         self._idle_timeout_s = idle_timeout_s
 

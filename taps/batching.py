@@ -69,21 +69,6 @@ class VerifyBatch:
     def segment_ids(self) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(self.requests), self.offsets[1:] - self.offsets[:-1])
 
-    def children(self) -> torch.Tensor:
-        """[N, K] global child indices in node order, -1 padded (K = most children of any node)."""
-        n = self.size
-        idx = torch.arange(n)
-        has = self.parents >= 0
-        par, kid = self.parents[has], idx[has]
-        order = (par * n + kid).argsort()
-        par, kid = par[order], kid[order]
-        counts = torch.bincount(par, minlength=n)
-        starts = counts.cumsum(0) - counts
-        rank = torch.arange(par.shape[0]) - starts[par]
-        out = torch.full((n, max(1, int(counts.max()) if par.numel() else 1)), -1, dtype=torch.long)
-        out[par, rank] = kid
-        return out
-
 
 @dataclass
 class Accepted:

@@ -25,7 +25,7 @@ import torch
 from taps.batching import row_quantum
 from taps.config import TreeConfig
 from taps.models.drafter import EagleDrafter
-from taps.models.llama import KVCache, Segment, build_mask, causal_mask
+from taps.models.llama import KVCache, Segment, build_mask, causal_mask, pad_rows
 from taps.tree import DraftTree
 
 
@@ -134,8 +134,7 @@ class DrafterRunner:
             st.committed += tokens.shape[0]
             growers.append(_Grower(int(tokens[-1]), feats[seg.row + seg.rows - 1], st, job.tree, d, self.name))
         # depth 1: every root's children in one head call
-        self._expand(growers, torch.stack([g.root_feature for g in growers]), [[-1]] * len(growers),
-                     [torch.zeros(1, device=device)] * len(growers), 1)
+        self._expand(growers, torch.stack([g.root_feature for g in growers]), [[-1]] * len(growers), 1)
         for depth in range(2, max(g.cfg.depth for g in growers) + 1):
             active = [g for g in growers if depth <= g.cfg.depth]
             segs, toks, hid, pos, nodes, row = [], [], [], [], [], 0
@@ -148,11 +147,9 @@ class DrafterRunner:
                 nodes.append(n)
                 row += len(n)
             feats = d.forward_segments(torch.cat(toks), torch.cat(hid), torch.cat(pos), segs, self.pad_to)
-            parent_scores = []
             for g, seg, n in zip(active, segs, nodes):
                 g.absorb(n, feats[seg.row:seg.row + seg.rows], seg.base)
-                parent_scores.append(torch.tensor([g.p_score[x] for x in n], device=device))
-            self._expand(active, feats, nodes, parent_scores, depth)
+            self._expand(active, feats, nodes, depth)
         for (i, *_), g in zip(live, growers):
             out[i] = g.result()
         return out
@@ -180,14 +177,13 @@ class DrafterRunner:
         st.cache.length = st.committed  # drop the previous step's tree
         return job, st, tokens.to(device), hidden.to(device)
 
-    def _expand(self, growers: list["_Grower"], features: torch.Tensor, parents: list, parent_scores: list,
-                depth: int) -> None:
+    def _expand(self, growers: list["_Grower"], features: torch.Tensor, parents: list, depth: int) -> None:
         """One head call over every grower's frontier features [sum F, H]; each grower adds its candidates."""
-        logits = self.drafter.draft_logits(_pad_rows(features, self.pad_to))[: features.shape[0]]
+        logits = self.drafter.draft_logits(pad_rows(features, self.pad_to))[: features.shape[0]]
         logp = torch.log_softmax(logits, dim=-1)
         at = 0
-        for g, par, ps in zip(growers, parents, parent_scores):
-            g.expand(logp[at:at + len(par)], par, ps, depth)
+        for g, par in zip(growers, parents):
+            g.expand(logp[at:at + len(par)], par, depth)
             at += len(par)
 
 
@@ -200,12 +196,6 @@ class DraftJob:
     hidden: torch.Tensor
     tree: TreeConfig
     start: int | None = None
-
-
-def _pad_rows(x: torch.Tensor, q: int) -> torch.Tensor:
-    r = x.shape[0]
-    rp = -(-r // q) * q
-    return x if rp == r else torch.cat([x, x.new_zeros(rp - r, x.shape[1])])
 
 
 class _Grower:
@@ -227,9 +217,10 @@ class _Grower:
         self.feat: dict[int, torch.Tensor] = {}  # pool id -> feature the drafter predicted at that node
         self.frontier_ids = self.frontier_scores = None
 
-    def expand(self, logp: torch.Tensor, parent_ids: list[int], parent_scores: torch.Tensor, depth: int) -> None:
-        """logp [F, V] of the F parents -> F * k candidates; they become the frontier."""
+    def expand(self, logp: torch.Tensor, parent_ids: list[int], depth: int) -> None:
+        """logp [F, V] of the F parents (pool ids, -1 = root) -> F * k candidates; they become the frontier."""
         k = self.cfg.top_k
+        parent_scores = torch.tensor([0.0 if p < 0 else self.p_score[p] for p in parent_ids], device=logp.device)
         ent = -(logp.exp() * logp).sum(-1)  # [F]
         top_lp, top_ids = logp.topk(k, dim=-1)
         tok = self.d.to_token_ids(top_ids)

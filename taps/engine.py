@@ -46,7 +46,7 @@ class TapsEngine:
     def scheduler(self) -> BatchingVerifier:
         if self._scheduler is None:  # (tick cost: measured once, only policies read it)
             cost = self._tick_cost or ((fit_tick_cost(self.verifier)) if self.policies else (0.0, 0.0))
-            self._scheduler = BatchingVerifier(self.verifier, inline=True, cost=cost)
+            self._scheduler = BatchingVerifier(self.verifier, cost=cost)
         return self._scheduler
 
     def _check(self, strategy: Strategy) -> None:

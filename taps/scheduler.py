@@ -8,7 +8,9 @@ caller its own result. Jobs that arrive during a tick go into the next one.
 Why a queue of our own and not Ray Serve's `@serve.batch`: the verifier is a Ray actor, not a
 deployment; a tick mixes prefills and trees of any size, is bounded by rows rather than calls, and
 must never wait for a batch to fill (a timer would add latency at 1 stream). The ticker is plain
-asyncio, so the in-process engine and the verifier actor use the same one.
+asyncio, so the in-process engine and the verifier actor use the same one. A tick runs in the
+event loop's own thread: callers that arrive meanwhile queue (in Ray's actor queue, or as
+coroutines of the engine's loop) and join the next tick.
 
 Gathering: after a tick, the ticker waits (at most half the last tick's time) until every request
 the verifier holds has its next job waiting; then streams stay in step and share ticks instead of
@@ -24,6 +26,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from taps.models.llama import padded
 from taps.verify import PrefillJob, VerifierRunner, VerifyJob
 
 
@@ -39,7 +42,7 @@ class Load:
         Alone, a step pays for its padded rows (a 1-row step already pays for `quantum`, so a tree
         that fits in them is free); shared, padding is spread over the tick and a row costs c1."""
         if self.requests < 1.5:
-            return self.c0 + self.c1 * (-(-rows // self.quantum) * self.quantum)
+            return self.c0 + self.c1 * padded(rows, self.quantum)
         return self.c0 / self.requests + self.c1 * rows
 
     def to_dict(self) -> dict:
@@ -82,22 +85,16 @@ def fit_tick_cost(runner: VerifierRunner, sizes=(16, 32, 64), repeats: int = 2) 
 
 
 class BatchingVerifier:
-    """Gathers concurrent jobs into ticks over one VerifierRunner (see the module docstring).
+    """Gathers concurrent jobs into ticks over one VerifierRunner (see the module docstring)."""
 
-    `inline=True` runs each tick in the event loop's own thread (in-process engines: the callers
-    are coroutines of that loop); otherwise in a one-thread executor, so an actor's event loop keeps
-    taking calls while a tick runs."""
-
-    def __init__(self, runner: VerifierRunner, max_rows: int = 1024, inline: bool = False,
-                 cost: tuple[float, float] | None = None, gather_frac: float = 0.5):
+    def __init__(self, runner: VerifierRunner, max_rows: int = 1024, cost: tuple[float, float] | None = None,
+                 gather_frac: float = 0.5):
         self.runner = runner
         self.max_rows = max_rows
-        self.inline = inline
         self.meter = LoadMeter(*(cost or fit_tick_cost(runner)))
         self._pending: list[tuple[PrefillJob | VerifyJob, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = None
         self.ticks = 0
         self.max_batch = 0  # most requests seen in one tick
         self.gather_frac = gather_frac
@@ -119,8 +116,6 @@ class BatchingVerifier:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
 
     def _take(self) -> list:
         """Jobs for the next tick: oldest first, up to max_rows rows (always at least one job)."""
@@ -171,7 +166,6 @@ class BatchingVerifier:
                 return
 
     async def _ticker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -184,27 +178,13 @@ class BatchingVerifier:
                 jobs = [j for j, _ in batch]
                 t0 = time.perf_counter()
                 try:
-                    if self.inline:
-                        results = self.runner.step(jobs)
-                    else:
-                        if self._executor is None:
-                            from concurrent.futures import ThreadPoolExecutor
-
-                            import torch
-
-                            # a new thread starts with the process's OMP default (Ray: the actor's
-                            # CPU share, often 1): give it the caller's torch thread count
-                            self._executor = ThreadPoolExecutor(1, thread_name_prefix="verifier-tick",
-                                                                initializer=torch.set_num_threads,
-                                                                initargs=(torch.get_num_threads(),))
-                        results = await loop.run_in_executor(self._executor, self.runner.step, jobs)
+                    results = self.runner.step(jobs)
                 except Exception as e:  # noqa: BLE001 - the whole forward failed: every caller hears it
                     results = [e] * len(jobs)
                 tick = self.runner.last_tick
                 self._last_tick_s = time.perf_counter() - t0
                 if tick is not None:
-                    q = self.runner.pad_to
-                    self.meter.observe(tick.requests, -(-tick.rows // q) * q, self._last_tick_s)
+                    self.meter.observe(tick.requests, padded(tick.rows, self.runner.pad_to), self._last_tick_s)
                 self.ticks += 1
                 self.max_batch = max(self.max_batch, len(jobs))
                 for (_, fut), res in zip(batch, results):

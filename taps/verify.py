@@ -13,14 +13,13 @@ temperature for a seeded request, whatever drafts, strategy or batch.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
 
 from taps.batching import VerifyBatch, accept_greedy_batch, gumbel_targets, row_quantum
 from taps.config import SamplingConfig
-from taps.models.llama import KVCache, Llama, Segment, build_mask, causal_mask
+from taps.models.llama import KVCache, Llama, Segment, build_mask, causal_mask, pad_rows
 from taps.tree import DraftTree
 
 
@@ -65,13 +64,12 @@ def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
 @dataclass(frozen=True)
 class PrefillJob:
     """Start a request: run its prompt, keep its KV cache, sampling config and sampling seed
-    (sampling.seed; an unseeded request draws one, from `generator` when given)."""
+    (sampling.seed; an unseeded request draws a random one)."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingConfig
     reserve: int = 0  # tokens the request may still add (new tokens + one tree), checked against max_len
-    generator: torch.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,6 @@ class _Request:
 class TickStats:
     requests: int  # jobs in the forward
     rows: int  # verifier rows (tree nodes + prompt tokens), before padding
-    seconds: float
 
 
 class VerifierRunner:
@@ -151,18 +148,13 @@ class VerifierRunner:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head over [R, H] rows, padded to the row quantum like every other matmul."""
-        r = hidden.shape[0]
-        rp = -(-r // self.pad_to) * self.pad_to
-        if rp != r:
-            hidden = torch.cat([hidden, hidden.new_zeros(rp - r, hidden.shape[1])])
-        return self.model.logits(hidden)[:r]
+        return self.model.logits(pad_rows(hidden, self.pad_to))[: hidden.shape[0]]
 
     # ------------------------------------------------------------------ one tick
     @torch.inference_mode()
     def step(self, jobs: list[PrefillJob | VerifyJob]) -> list[PrefillResult | VerifyResult | Exception]:
         """One verifier forward over every job; a job that cannot run gets its exception in its slot
         (the others go on). Requests must be distinct within one step."""
-        t0 = time.perf_counter()
         self.last_tick = None
         out: list = [None] * len(jobs)
         segs, ids, pos, live = [], [], [], []  # live: (job index, segment)
@@ -205,7 +197,7 @@ class VerifierRunner:
                 trees.append((i, s, st.targets(rows, tree.depths + (s.base + 1))))
         if trees:
             self._accept(jobs, trees, hidden, out)
-        self.last_tick = TickStats(len(live), row, time.perf_counter() - t0)
+        self.last_tick = TickStats(len(live), row)
         return out
 
     def _segment(self, job, row: int):
@@ -220,8 +212,8 @@ class VerifierRunner:
                 raise ValueError(f"request {job.request_id} is already started")
             if job.sampling.seed is not None:
                 seed = job.sampling.seed
-            else:  # unseeded: a fresh seed (from `generator` when given)
-                seed = int(torch.randint(2**62, (), generator=job.generator).item())
+            else:  # unseeded: a fresh seed
+                seed = int(torch.randint(2**62, ()).item())
             cache = self._slot()
             with self._lock:
                 self._requests[job.request_id] = _Request(cache, job.sampling, seed)
@@ -249,11 +241,10 @@ class VerifierRunner:
 
     # ------------------------------------------------------------------ one request (a step of one job)
     def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig,
-                generator: torch.Generator | None = None, reserve: int = 0) -> PrefillResult:
-        return _one(self.step([PrefillJob(request_id, list(prompt_ids), sampling, reserve, generator)]))
+                reserve: int = 0) -> PrefillResult:
+        return _one(self.step([PrefillJob(request_id, list(prompt_ids), sampling, reserve)]))
 
-    def verify(self, request_id: str, tree: DraftTree, sampling: SamplingConfig | None = None,
-               generator: torch.Generator | None = None) -> VerifyResult:
+    def verify(self, request_id: str, tree: DraftTree) -> VerifyResult:
         """Verify one tree (sampling config and seed are the request's own, fixed at prefill)."""
         return _one(self.step([VerifyJob(request_id, tree)]))
 

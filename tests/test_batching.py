@@ -160,7 +160,7 @@ def test_seeded_sampling_equals_plain_decoding_with_the_same_seed(model):
 
 def test_a_failing_job_does_not_fail_its_tick(model):
     runner = VerifierRunner(model, max_len=64)
-    sched = BatchingVerifier(runner, inline=True, cost=(0.01, 0.001))
+    sched = BatchingVerifier(runner, cost=(0.01, 0.001))
 
     async def run():
         ok = sched.submit(PrefillJob("a", [1, 2, 3], SamplingConfig()))

@@ -173,11 +173,11 @@ def test_kv_compaction_after_partial_accept_equals_fresh_decoding(tiny):
     toks = [ref[0], (ref[1] + 5) % 97, ref[1], ref[2], (ref[3] + 3) % 97]
     tree = DraftTree(torch.tensor(toks), torch.tensor([-1, 0, 0, 2, 3]), torch.tensor([0, 1, 1, 2, 3]),
                      torch.zeros(5), torch.zeros(5), torch.zeros(5, dtype=torch.long))
-    res = v.verify("r", tree, SamplingConfig())
+    res = v.verify("r", tree)
     assert res.accepted_nodes == [0, 2, 3] and res.tokens == [ref[1], ref[2], ref[3]]
     assert v.cache_length("r") == len(prompt) + 3
     # continue one token on the compacted cache vs a fresh prefill of the whole prefix
-    nxt = v.verify("r", DraftTree.root_only(ref[3]), SamplingConfig())
+    nxt = v.verify("r", DraftTree.root_only(ref[3]))
     fresh = VerifierRunner(tiny, max_len=128)
     pre2 = fresh.prefill("f", prompt + ref[:4], SamplingConfig())
     assert nxt.tokens == [pre2.root] == [ref[4]]

@@ -20,7 +20,7 @@ from taps.verify import VerifierRunner
 
 def FakeVerifierActor(model):
     """The verifier side of the router's loop, in-process (ticks of one VerifierRunner)."""
-    return LocalVerifier(BatchingVerifier(VerifierRunner(model, max_len=256), inline=True, cost=(0.01, 0.001)))
+    return LocalVerifier(BatchingVerifier(VerifierRunner(model, max_len=256), cost=(0.01, 0.001)))
 
 
 class LocalClient:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from taps.models.llama import DecoderLayer, KVCache, LlamaConfig, Rotary
+from taps.models.llama import DecoderLayer, KVCache, LlamaConfig, Rotary, pad_rows
 
 FORMAT = "taps-drafter/1"
 
@@ -122,11 +122,7 @@ class EagleDrafter(nn.Module):
         """Rows of many requests in one forward (tokens, positions [R], hidden [R, H]); each
         segment (taps.models.llama.Segment) extends one request's drafter cache. -> features [R, H]."""
         r = int(tokens.shape[0])
-        rp = -(-r // pad_to) * pad_to
-        if rp != r:
-            tokens = torch.cat([tokens, tokens.new_zeros(rp - r)])
-            positions = torch.cat([positions, positions.new_zeros(rp - r)])
-            hidden = torch.cat([hidden, hidden.new_zeros(rp - r, hidden.shape[1])])
+        tokens, hidden, positions = pad_rows(tokens, pad_to), pad_rows(hidden, pad_to), pad_rows(positions, pad_to)
         for seg in segments:
             if seg.base + seg.rows > seg.cache.max_len:
                 raise ValueError(f"drafter KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len}")

@@ -246,6 +246,17 @@ class Segment:
         return self.cache.v[self.layer]
 
 
+def padded(rows: int, quantum: int) -> int:
+    """`rows` rounded up to a multiple of `quantum` (see taps.batching.row_quantum)."""
+    return -(-rows // quantum) * quantum
+
+
+def pad_rows(x: torch.Tensor, quantum: int) -> torch.Tensor:
+    """x [R, ...] with zero rows appended up to padded(R, quantum)."""
+    extra = padded(x.shape[0], quantum) - x.shape[0]
+    return torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) if extra else x
+
+
 def build_mask(new_mask: torch.Tensor, prefix_len: int, batch: int = 1) -> torch.Tensor:
     """[T, T] mask among new tokens -> [B, 1, T, prefix_len + T] with the cached prefix visible."""
     t = new_mask.shape[-1]
@@ -301,10 +312,7 @@ class Llama(nn.Module):
         of `pad_to` (taps.batching.row_quantum: the row count at which this machine's matmul kernels
         give every row the same bits whatever the batch). Returns post-norm hidden states [R, H]."""
         r = int(input_ids.shape[0])
-        rp = -(-r // pad_to) * pad_to
-        if rp != r:
-            input_ids = torch.cat([input_ids, input_ids.new_zeros(rp - r)])
-            positions = torch.cat([positions, positions.new_zeros(rp - r)])
+        input_ids, positions = pad_rows(input_ids, pad_to), pad_rows(positions, pad_to)
         for seg in segments:
             if seg.base + seg.rows > seg.cache.max_len:
                 raise ValueError(f"KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len} slots")
