@@ -28,11 +28,11 @@ class TreeArgs(BaseModel):
     depth: int = Field(5, ge=1, le=64)
     top_k: int = Field(4, ge=1, le=64)
     total_tokens: int = Field(16, ge=2, le=1024)
-    # auto (default): per strategy, the tree size (or no draft) with the best measured tokens/s,
-    # learnt from the router's own step times and priced by the verifier's load
-    # (taps.adaptive.online_policy): under load it stops drafting rather than slow every stream;
-    # fixed: these sizes every step, whatever the load
-    mode: Literal["fixed", "auto"] = "auto"
+    # fixed (default, CONTRACTS.md: every drafter drafts a tree each step): these sizes every step;
+    # auto: per strategy, the tree size (or no draft) with the best measured tokens/s, learnt from
+    # the router's own step times and priced by the verifier's load (taps.adaptive.online_policy):
+    # under load it stops drafting rather than slow every stream (docs/performance.md)
+    mode: Literal["fixed", "auto"] = "fixed"
 
 
 class AppConfig(BaseModel):

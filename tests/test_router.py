@@ -142,8 +142,6 @@ def test_serve_tree_mode_from_cli_and_config():
     cfg = AppConfig.model_validate(config_from_args(args))
     assert cfg.tree.mode == "auto" and cfg.tree.total_tokens == 16
     args = build_parser().parse_args(["serve", "--drafters", "math"])
-    assert AppConfig.model_validate(config_from_args(args)).tree.mode == "auto"  # load-aware by default
-    args = build_parser().parse_args(["serve", "--tree", "fixed", "--drafters", "math"])
     assert AppConfig.model_validate(config_from_args(args)).tree.mode == "fixed"
     with pytest.raises(ValueError):
         AppConfig.model_validate({"tree": {"mode": "sometimes"}})
