@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "taps.cli", "serve", "--port", str(port), "--tree", args.tree,
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--tree", args.tree,
            "--drafters", args.drafters]
     log = open(args.server_log, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

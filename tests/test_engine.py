@@ -347,7 +347,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
         (["--prompt", "hi", "--strategy", "single:math", "--drafters", f"math={tmp_path}/nope"], "drafter.json"),
     ]
     for extra, msg in cases:
-        p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir),
+        p = subprocess.run([sys.executable, "-m", "cli", "generate", "--verifier", str(vdir),
                             "--drafter-dir", str(tmp_path / "no-drafters"), *extra],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 2, (extra, p.stderr[-2000:])
@@ -360,7 +360,7 @@ def test_cli_generate_json_contract(tmp_path):
     from taps.testing import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
-    p = subprocess.run([sys.executable, "-m", "taps.cli", "generate", "--verifier", str(vdir),
+    p = subprocess.run([sys.executable, "-m", "cli", "generate", "--verifier", str(vdir),
                         "--drafter-dir", str(tmp_path / "no-drafters"), "--prompt",
                         "What is 17*23?", "--strategy", "merged", "--drafters", "math,chat", "--json",
                         "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
@@ -373,7 +373,7 @@ def test_cli_generate_json_contract(tmp_path):
 
 
 def test_core_imports_nothing_distributed():
-    code = ("import sys, taps.engine, taps.compose, taps.drafting, taps.verify, taps.runtime, taps.cli, "
+    code = ("import sys, taps.engine, taps.compose, taps.drafting, taps.verify, taps.runtime, "
             "taps.models.drafter, taps.models.loading\n"
             "bad = [m for m in ('ray', 'grpc', 'deepspeed', 'fastapi') if m in sys.modules]\n"
             "assert not bad, bad")

@@ -27,7 +27,7 @@ def test_eval_results_file_matches_the_contract(tmp_path):
     a = _prompts(tmp_path / "gsm.jsonl", 2, "g")
     b = _prompts(tmp_path / "chat.jsonl", 2, "c")
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "taps.cli", "eval", "--verifier", str(vdir), "--drafter-dir",
+    p = subprocess.run([sys.executable, "-m", "cli", "eval", "--verifier", str(vdir), "--drafter-dir",
                         str(tmp_path / "none"), "--prompts", str(a), "--prompts", str(b), "--strategies",
                         "single:math,confidence,merged", "--drafters", "math,chat", "--max-new-tokens", "8",
                         "--temperature", "0", "--temperature", "1", "--out", str(out)],

@@ -136,7 +136,7 @@ def test_router_with_online_tree_policy_is_lossless_and_skips(model):
 def test_serve_tree_mode_from_cli_and_config():
     from cluster.config import AppConfig
     from cluster.serve import config_from_args
-    from taps.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--tree", "auto", "--drafters", "math"])
     cfg = AppConfig.model_validate(config_from_args(args))

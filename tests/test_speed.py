@@ -159,7 +159,7 @@ def test_auto_policy_prefers_skip_when_drafts_never_pay(tiny):
 
 
 def test_cli_accepts_tree_auto():
-    from taps.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["generate", "--prompt", "hi", "--tree", "auto"])
     assert args.tree == "auto"

@@ -1,5 +1,6 @@
-"""The `taps` command line (CONTRACTS.md). Subcommands that need the cluster or training
-import those packages lazily, so `taps generate` stays a plain in-process PyTorch run."""
+"""The `taps` command line (CONTRACTS.md), the console script `taps` (also `python -m cli`).
+Subcommands that need the cluster or the evaluation import `cluster` / `eval` lazily, so
+`taps generate` stays a plain in-process PyTorch run over the core package `taps`."""
 
 from __future__ import annotations
 
