@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from taps.batchgen import batch_generate
-from taps.testing import greedy_reference, random_llama, tiny_config
+from tests.support import greedy_reference, random_llama, tiny_config
 
 
 @pytest.fixture(scope="module")

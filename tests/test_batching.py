@@ -18,7 +18,7 @@ from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner
 from taps.models.llama import Segment, build_mask, causal_mask
 from taps.scheduler import BatchingVerifier, Load
-from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
+from tests.support import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
 from taps.verify import PrefillJob, VerifierRunner, VerifyJob
 

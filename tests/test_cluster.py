@@ -20,7 +20,7 @@ from taps.compose import parse_strategy  # noqa: E402
 from taps.config import SamplingConfig, TreeConfig  # noqa: E402
 from taps.models.drafter import new_drafter, save_drafter  # noqa: E402
 from taps.models.loading import load_verifier  # noqa: E402
-from taps.testing import make_tiny_verifier_dir  # noqa: E402
+from tests.support import make_tiny_verifier_dir  # noqa: E402
 
 ADMIN_KEY = "admin-secret"
 API_KEY = "user-secret"

@@ -6,7 +6,7 @@ from taps.config import TreeConfig
 from taps.drafting import DrafterRunner
 from taps.models.drafter import load_drafter, new_drafter, save_drafter, with_reduced_vocab
 from taps.models.loading import load_verifier
-from taps.testing import random_llama, save_hf_llama, tiny_config
+from tests.support import random_llama, save_hf_llama, tiny_config
 
 
 def _verifier(tmp_path):

@@ -15,7 +15,7 @@ from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.models.drafter import DrafterMismatchError
 from taps.models.llama import causal_mask
-from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
+from tests.support import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
 from taps.batching import VerifyBatch, accept_greedy_batch, gumbel_targets
 from taps.verify import ContextOverflowError, VerifierRunner
@@ -124,7 +124,7 @@ def test_verifier_matches_huggingface_llama(tmp_path):
     from transformers import LlamaForCausalLM
 
     from taps.models.loading import load_verifier
-    from taps.testing import save_hf_llama
+    from tests.support import save_hf_llama
 
     model = random_llama(tiny_config(vocab_size=97, hidden=32, layers=2), seed=4)
     save_hf_llama(model, tmp_path / "m")
@@ -320,7 +320,7 @@ def test_bad_inputs_give_clear_errors(tiny):
 def test_drafter_for_another_verifier_is_refused(tmp_path):
     from taps.models.drafter import load_drafter, new_drafter, save_drafter
     from taps.models.loading import load_verifier
-    from taps.testing import save_hf_llama
+    from tests.support import save_hf_llama
 
     save_hf_llama(random_llama(tiny_config(vocab_size=97, hidden=32), seed=1), tmp_path / "v1")
     save_hf_llama(random_llama(tiny_config(vocab_size=97, hidden=32), seed=2), tmp_path / "v2")
@@ -337,7 +337,7 @@ def test_drafter_for_another_verifier_is_refused(tmp_path):
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path):
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
     cases = [
@@ -357,7 +357,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
 def test_cli_generate_json_contract(tmp_path):
     import json
 
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
     p = subprocess.run([sys.executable, "-m", "cli", "generate", "--verifier", str(vdir),

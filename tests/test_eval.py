@@ -21,7 +21,7 @@ def _prompts(path, n, name):
 
 
 def test_eval_results_file_matches_the_contract(tmp_path):
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
     a = _prompts(tmp_path / "gsm.jsonl", 2, "g")

@@ -363,7 +363,7 @@ def test_real_drafter_runner_over_grpc():
     """The real DrafterRunner behind the server: same tree as in-process, idempotent retries, lost state."""
     from taps.drafting import DrafterRunner
     from taps.models.drafter import DrafterConfig, EagleDrafter
-    from taps.testing import random_llama, tiny_config
+    from tests.support import random_llama, tiny_config
 
     model = random_llama(tiny_config(vocab_size=97, hidden=32), seed=1)
     cfg = DrafterConfig(name="math", domain="math", llama=model.config, verifier={"name": "tiny"})
@@ -481,7 +481,7 @@ def test_drafter_actor_serves_lookup_without_weights(tmp_path):
     """DrafterActor (constructed in-process, no Ray) for the name `lookup` and no checkpoint: the
     n-gram runner with the verifier's hidden size, not a random-init neural drafter."""
     from actors.drafter_actor import DrafterActor
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path / "verifier", seed=3)
     actor = DrafterActor("lookup", None, verifier=str(vdir))

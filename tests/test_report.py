@@ -14,7 +14,7 @@ from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.models.llama import causal_mask
 from taps.stats import GenerationStats
-from taps.testing import random_drafter, random_llama, tiny_config
+from tests.support import random_drafter, random_llama, tiny_config
 from taps.tree import DraftTree
 from taps.verify import VerifierRunner
 
@@ -107,7 +107,7 @@ def _prompt_file(path, name, text):
 def tiny_hf(tmp_path_factory):
     """A tiny random Llama in HF format with the real tokenizer, loaded as a verifier, plus drafters."""
     from taps.models.loading import load_verifier
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     vdir = make_tiny_verifier_dir(tmp_path_factory.mktemp("tinyv") / "tiny", scale=20.0)
     verifier = load_verifier(str(vdir))

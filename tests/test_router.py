@@ -14,7 +14,7 @@ from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.loop import LocalVerifier, decode
 from taps.scheduler import BatchingVerifier
-from taps.testing import random_drafter, random_llama, tiny_config
+from tests.support import random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
 
 

@@ -12,7 +12,7 @@ from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
-from taps.testing import greedy_reference, random_drafter, random_llama, tiny_config
+from tests.support import greedy_reference, random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
 
 PROMPT = [5, 17, 3, 42, 8, 8, 19]

@@ -16,7 +16,7 @@ import torch
 from taps.averaging import average_checkpoints, average_state_dicts
 from taps.models.drafter import DrafterConfig, DrafterMismatchError, EagleDrafter, load_drafter, save_drafter
 from taps.models.llama import KVCache, build_mask, causal_mask
-from taps.testing import random_llama, tiny_config
+from tests.support import random_llama, tiny_config
 from training.features import FeatureError, extract_features, load_features, verifier_hidden
 from training.objectives import (ObjectiveConfig, alignment_mask, hass_features, next_step_inputs,
                                  objective_loss, training_pairs)
@@ -423,7 +423,7 @@ def test_bad_configs_fail_clearly(tmp_path):
 
 
 def test_resume_refuses_another_verifiers_checkpoint(trained_tiny, tmp_path):
-    from taps.testing import make_tiny_verifier_dir
+    from tests.support import make_tiny_verifier_dir
 
     root_a, _ = trained_tiny
     root_b = _workspace(tmp_path)

@@ -89,7 +89,7 @@ def make_tiny_workspace(root: str | Path, n: int = 24, seed: int = 0) -> Path:
     with the default tokenizer) and runs/tiny/conversations.jsonl (synthetic arithmetic chats)."""
     import random
 
-    from taps.testing import make_tiny_verifier_dir
+    from training.tiny import make_tiny_verifier_dir
 
     base = Path(root) / "runs" / "tiny"
     if not (base / "verifier" / "config.json").exists():

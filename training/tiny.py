@@ -1,5 +1,6 @@
-"""Small models for tests and demos: a tiny random Llama saved in Hugging Face format
-(with the default verifier's tokenizer so text and chat templates work) and drafters for it."""
+"""The tiny verifier of training/configs/tiny.yaml (CI's end-to-end training config, `make_tiny_workspace`
+in training.prepare): a random 2-layer Llama saved in Hugging Face format with the default verifier's
+tokenizer, so text and chat templates work. The tests build their small models from here too."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from taps.models.llama import Llama, LlamaConfig, causal_mask
+from taps.models.llama import Llama, LlamaConfig
 
 
 def tiny_config(vocab_size: int = 49152, hidden: int = 64, layers: int = 2) -> LlamaConfig:
@@ -68,32 +69,3 @@ def make_tiny_verifier_dir(directory: Path, seed: int = 0, with_tokenizer: bool 
 
         tok_dir = resolve_verifier(None)[1]
     return save_hf_llama(random_llama(tiny_config(layers=layers), seed=seed, scale=scale), directory, tok_dir)
-
-
-def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5):
-    """An untrained drafter over a (tiny) verifier model, with weights large enough to vary its drafts."""
-    from taps.models.drafter import DrafterConfig, EagleDrafter
-
-    torch.manual_seed(seed)
-    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
-    d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.normal_(0, std)
-    return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)
-
-
-def greedy_reference(model: Llama, prompt: list[int], n: int, eos=()) -> list[int]:
-    """Plain greedy decoding, recomputing the whole sequence each token (no cache, no trees): the
-    oracle every lossless test compares against. Stops after an `eos` token (included)."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = len(seq)
-            h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
-            nxt = int(model.logits(h[0, -1]).argmax())
-            out.append(nxt)
-            seq.append(nxt)
-            if nxt in eos:
-                break
-    return out

@@ -1,0 +1,1 @@
+"""The test suite; tests/support.py holds the shared helpers (`from tests.support import ...`)."""

@@ -1,0 +1,41 @@
+"""Test helpers: small random models (from training.tiny, which CI's tiny training config also uses),
+untrained drafters over them, and the plain greedy decoding every lossless test compares against."""
+
+from __future__ import annotations
+
+import torch
+
+from taps.models.llama import Llama, causal_mask
+from training.tiny import make_tiny_verifier_dir, random_llama, save_hf_llama, tiny_config
+
+__all__ = ["greedy_reference", "make_tiny_verifier_dir", "random_drafter", "random_llama", "save_hf_llama",
+           "tiny_config"]
+
+
+def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5):
+    """An untrained drafter over a (tiny) verifier model, with weights large enough to vary its drafts."""
+    from taps.models.drafter import DrafterConfig, EagleDrafter
+
+    torch.manual_seed(seed)
+    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
+    d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_(0, std)
+    return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)
+
+
+def greedy_reference(model: Llama, prompt: list[int], n: int, eos=()) -> list[int]:
+    """Plain greedy decoding, recomputing the whole sequence each token (no cache, no trees): the
+    oracle every lossless test compares against. Stops after an `eos` token (included)."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = len(seq)
+            h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
+            nxt = int(model.logits(h[0, -1]).argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt in eos:
+                break
+    return out
