@@ -13,7 +13,7 @@ from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import EagleDrafter, load_drafter, new_drafter
-from taps.models.loading import Verifier, load_verifier
+from taps.models.loading import Verifier, VerifierParts, load_verifier
 from taps.verify import VerifierRunner
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,11 @@ def resolve_drafter(name: str, drafter_dir: Path | None = None, allow_random: bo
     raise ConfigError(f"no drafter checkpoint named {name!r} (looked in {ship})")
 
 
-def build_drafter(spec: DrafterSpec, verifier: Verifier, seed: int = 0, dtype: torch.dtype | None = None,
-                  expected_sha256: str | None = None) -> EagleDrafter:
+def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: int = 0,
+                  dtype: torch.dtype | None = None, expected_sha256: str | None = None) -> EagleDrafter:
+    """The drafter of `spec` (random-init when it has no checkpoint) over `verifier`: the whole loaded
+    verifier (in-process engine) or only the parts a drafter reads (load_verifier_parts: drafter
+    actors); either gives the same drafter, bit for bit."""
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)

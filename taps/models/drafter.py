@@ -179,7 +179,8 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
 
 def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size: int = 0,
                 seed: int = 0, token_ids: torch.Tensor | None = None, head: str = "own") -> EagleDrafter:
-    """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier).
+    """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier, or the
+    VerifierParts of load_verifier_parts: only its config, embedding, lm_head and last layer are read).
 
     With a reduced vocabulary, `head` "verifier-rows" freezes the head at the verifier's lm_head rows
     (nothing to train, nothing saved); "own" starts from those rows and trains them."""
@@ -258,7 +259,8 @@ def read_drafter_config(directory: str | Path) -> DrafterConfig:
 
 def load_drafter(directory: str | Path, verifier, name: str | None = None,
                  expected_sha256: str | None = None, dtype: torch.dtype | None = None) -> EagleDrafter:
-    """Load a drafter checkpoint for `verifier`, refusing a mismatched verifier or a bad checksum.
+    """Load a drafter checkpoint for `verifier` (a Verifier or VerifierParts: its identity, embedding and
+    lm_head are read), refusing a mismatched verifier or a bad checksum.
 
     `dtype` defaults to the verifier's; a cheaper drafter dtype (bf16) never affects losslessness.
     """

@@ -16,13 +16,16 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
-from taps.models.llama import Llama, LlamaConfig
+from taps.models.llama import DecoderLayer, Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +144,17 @@ def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_llama(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
-    hf_cfg = json.loads((directory / "config.json").read_text())
+def read_llama_config(directory: Path) -> LlamaConfig:
+    """The LlamaConfig of a Hugging Face model directory (refusing non-Llama architectures)."""
+    hf_cfg = json.loads((Path(directory) / "config.json").read_text())
     arch = (hf_cfg.get("architectures") or ["LlamaForCausalLM"])[0]
     if hf_cfg.get("model_type", "llama") not in ("llama", "mistral") and "Llama" not in arch:
         raise ModelLoadError(f"{directory}: only Llama-family verifiers are supported, got {arch}")
-    cfg = LlamaConfig.from_hf(hf_cfg)
+    return LlamaConfig.from_hf(hf_cfg)
+
+
+def load_llama(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
+    cfg = read_llama_config(directory)
     with torch.device("meta"):
         model = Llama(cfg)
     state = {k.removeprefix("model."): v for k, v in _load_state_dict(directory).items()}
@@ -222,3 +230,127 @@ def load_verifier(spec: str | None = None, dtype: torch.dtype = torch.float32,
 
         tok = AutoTokenizer.from_pretrained(str(directory))
     return Verifier(name=name, directory=directory, model=model, tokenizer=tok)
+
+
+# ---------------------------------------------------------------------- the parts a drafter reads
+
+class _TensorIndex:
+    """Which safetensors file holds each tensor of a model directory (sharded or not), under the key
+    names load_llama uses (the leading `model.` removed); reads one tensor at a time."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        files: dict[str, tuple[Path, str]] = {}  # key -> (file, the key as stored there)
+        if index.exists():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            files = {k.removeprefix("model."): (directory / f, k) for k, f in weight_map.items()}
+        else:
+            paths = sorted(directory.glob("*.safetensors"))
+            if not paths:
+                raise ModelLoadError(f"no .safetensors weights in {directory} (pickle checkpoints are not loaded)")
+            for f in paths:  # a later file wins, as in _load_state_dict
+                with safe_open(str(f), framework="pt") as fh:
+                    files.update({k.removeprefix("model."): (f, k) for k in fh.keys()})
+        self.directory = directory
+        self.files = files
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise ModelLoadError(f"{self.directory}: no tensor {key!r} in the verifier's weights")
+        f, stored = self.files[key]
+        with safe_open(str(f), framework="pt") as fh:
+            return fh.get_tensor(stored)
+
+
+class _LazyLayers(Sequence):
+    """The verifier's decoder layers, each read from disk on first access (new_drafter reads the last)."""
+
+    def __init__(self, index: _TensorIndex, cfg: LlamaConfig, dtype: torch.dtype, device: str | torch.device):
+        self._index, self._cfg, self._dtype, self._device = index, cfg, dtype, device
+        self._loaded: dict[int, DecoderLayer] = {}
+
+    def __len__(self) -> int:
+        return self._cfg.num_hidden_layers
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} of {n}")
+        i %= n
+        if i not in self._loaded:
+            with torch.device("meta"):
+                layer = DecoderLayer(self._cfg)
+            prefix = f"layers.{i}."
+            state = {k: self._index.get(prefix + k) for k in layer.state_dict()}
+            layer.load_state_dict(state, strict=True, assign=True)
+            self._loaded[i] = layer.to(device=self._device, dtype=self._dtype).eval().requires_grad_(False)
+        return self._loaded[i]
+
+
+class VerifierModelParts:
+    """Stands in for the verifier's Llama where a drafter is built: `config`, `embed_tokens`, `lm_head`
+    (the same tensor as the embedding when tied) and `layers` (read lazily); never runs."""
+
+    def __init__(self, config: LlamaConfig, embed_tokens: nn.Embedding, lm_head: nn.Linear, layers: _LazyLayers):
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self.layers = layers
+
+
+@dataclass
+class VerifierParts:
+    """What a drafter reads from its verifier, without the rest of it: accepted in place of a Verifier
+    by taps.runtime.build_drafter and taps.models.drafter.new_drafter / load_drafter (which touch
+    `name`, `directory`, `identity`, `model.config`, `model.embed_tokens`, `model.lm_head` and, for a
+    random-init drafter, `model.layers[-1]`). The drafter built from it equals, bit for bit, the one
+    built from load_verifier of the same spec, dtype and device."""
+
+    name: str
+    directory: Path
+    model: VerifierModelParts
+
+    @property
+    def identity(self) -> dict:
+        return verifier_identity(self.name, self.model)
+
+
+def verifier_config(spec: str | None = None) -> LlamaConfig:
+    """The verifier's LlamaConfig (config.json only, no weights)."""
+    return read_llama_config(resolve_verifier(spec)[1])
+
+
+def load_verifier_parts(spec: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> VerifierParts:
+    """Only what a drafter needs from the verifier: config.json, the token embedding and the lm_head
+    (the embedding when tied), read tensor by tensor from the safetensors files (sharded or not).
+    Decoder layers are read on first access only (a random-init drafter starts from the last one).
+    A drafter actor holds this instead of the whole verifier (SmolLM2-135M: ~113 MB against ~540 MB)."""
+    name, directory = resolve_verifier(spec)
+    cfg = read_llama_config(directory)
+    index = _TensorIndex(directory)
+
+    def tensor(key: str) -> torch.Tensor:  # the conversion load_llama applies to the whole model
+        return index.get(key).to(device=device, dtype=dtype)
+
+    embed = nn.Embedding.from_pretrained(tensor("embed_tokens.weight"), freeze=True)
+    if embed.weight.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise ModelLoadError(f"{directory}: embed_tokens.weight has shape {tuple(embed.weight.shape)}, "
+                             f"config.json says {(cfg.vocab_size, cfg.hidden_size)}")
+    with torch.device("meta"):
+        lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    if cfg.tie_word_embeddings:
+        lm_head.weight = embed.weight
+    elif "lm_head.weight" in index:
+        lm_head.weight = nn.Parameter(tensor("lm_head.weight"), requires_grad=False)
+        if lm_head.weight.shape != (cfg.vocab_size, cfg.hidden_size):
+            raise ModelLoadError(f"{directory}: lm_head.weight has shape {tuple(lm_head.weight.shape)}")
+    else:
+        raise ModelLoadError(f"{directory}: no lm_head.weight and tie_word_embeddings is false")
+    parts = VerifierModelParts(cfg, embed.eval(), lm_head.eval(), _LazyLayers(index, cfg, dtype, device))
+    return VerifierParts(name=name, directory=directory, model=parts)
