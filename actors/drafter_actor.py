@@ -1,12 +1,27 @@
 """DrafterActor: hosts one specialist drafter (one GPU each on a cluster), serves it over gRPC on its
-own port, and keeps its registry entry alive. A thin shell over taps.drafting.DrafterRunner."""
+own port, and keeps its registry entry alive through a callback. A thin shell over
+taps.drafting.DrafterRunner.
+
+The actor loads only what a drafter reads from the verifier (taps.models.loading.load_verifier_parts:
+config, embedding, lm_head), never the whole verifier, and knows nothing of the registry: it imports
+neither `cluster` nor redis.
+
+Heartbeat contract: `heartbeat` is any callable `heartbeat(name, replica_id, address)`, picklable when
+the actor is a Ray actor (the cluster passes an object that holds its Redis URL). The actor calls it
+  - `heartbeat(name, replica_id, "host:port")` once when it starts serving, then every `heartbeat_s`
+    seconds (register / refresh: the registry expires replicas that stop beating);
+  - `heartbeat(name, replica_id, None)` once on shutdown (deregister).
+Calls come from the constructor, one background thread and shutdown(), never two at once. An exception
+from the callback is logged as a warning and never stops serving (the registry comes back; the next beat
+re-registers). The same thread evicts requests idle for `idle_timeout_s`, with or without a heartbeat.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -14,29 +29,33 @@ from actors.grpc_server import serve_drafter
 from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import sha256_dir
-from taps.models.loading import load_verifier
+from taps.models.loading import load_verifier_parts, verifier_config
 from taps.runtime import build_drafter, parse_dtype, resolve_drafter
 
 log = logging.getLogger(__name__)
 
+Heartbeat = Callable[[str, str, str | None], None]  # (name, replica_id, address or None)
+
 
 class DrafterActor:
     def __init__(self, name: str, checkpoint: str | None, verifier: str | None = None, dtype: str = "float32",
-                 drafter_dtype: str | None = None, registry_url: str | None = None, grpc_host: str = "127.0.0.1",
-                 max_len: int = 2048, threads: int = 0, expected_sha256: str | None = None,
-                 heartbeat_s: float = 5.0, idle_timeout_s: float = 600.0):
+                 drafter_dtype: str | None = None, heartbeat: Heartbeat | None = None,
+                 grpc_host: str = "127.0.0.1", max_len: int = 2048, threads: int = 0,
+                 expected_sha256: str | None = None, heartbeat_s: float = 5.0, idle_timeout_s: float = 600.0):
+        if heartbeat is not None and not callable(heartbeat):
+            raise TypeError(f"heartbeat must be a callable (name, replica_id, address) or None, got {heartbeat!r}")
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.name = name
-        # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
-        verifier_model = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
-        if is_lookup(name, checkpoint):  # n-gram prompt lookup: no weights (taps.lookup)
+        if is_lookup(name, checkpoint):  # n-gram prompt lookup: no weights (taps.lookup), only the hidden size
             self.checkpoint = self.sha256 = ""
-            self.runner = PromptLookupRunner(name, hidden_size=verifier_model.model.config.hidden_size)
+            self.runner = PromptLookupRunner(name, hidden_size=verifier_config(verifier).hidden_size)
         else:
+            # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
+            parts = load_verifier_parts(verifier, dtype=parse_dtype(dtype), device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
-            drafter = build_drafter(spec, verifier_model, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
+            drafter = build_drafter(spec, parts, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
                                     expected_sha256=expected_sha256)
             self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
             self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
@@ -50,25 +69,31 @@ class DrafterActor:
         self.address = f"{host}:{port}"
         self.replica_id = _replica_id()
         self._idle_timeout_s = idle_timeout_s
-        self._registry = None
+        self._heartbeat = heartbeat
         self._stop = threading.Event()
-        if registry_url:
-            from cluster.registry import Registry
-
-            self._registry = Registry(registry_url)
-            self._registry.heartbeat(name, self.replica_id, self.address, actor=f"pid{os.getpid()}")
-            threading.Thread(target=self._heartbeat, args=(heartbeat_s,), daemon=True).start()
+        self._beat(self.address)
+        self._thread = threading.Thread(target=self._maintain, args=(heartbeat_s,), daemon=True,
+                                        name=f"drafter-{name}-heartbeat")
+        self._thread.start()
         log.info("drafter %s serving gRPC on %s", name, self.address)
 
-    def _heartbeat(self, every_s: float) -> None:
-        import redis
+    def _beat(self, address: str | None) -> None:
+        if self._heartbeat is None:
+            return
+        try:
+            self._heartbeat(self.name, self.replica_id, address)
+        except Exception as e:  # noqa: BLE001 - the registry comes back; keep serving meanwhile
+            log.warning("drafter %s: heartbeat (%s) failed: %s: %s", self.name,
+                        "deregister" if address is None else "register", type(e).__name__, e)
 
+    def _maintain(self, every_s: float) -> None:
+        """Heartbeat and idle eviction, every `every_s` until shutdown."""
         while not self._stop.wait(every_s):
+            self._beat(self.address)
             try:
-                self._registry.heartbeat(self.name, self.replica_id, self.address)
-            except redis.RedisError as e:  # the registry comes back; keep serving meanwhile
-                log.warning("registry heartbeat failed: %s", e)
-            self.runner.evict_idle(self._idle_timeout_s)
+                self.runner.evict_idle(self._idle_timeout_s)
+            except Exception:  # noqa: BLE001 - never let the maintenance thread die
+                log.exception("drafter %s: idle eviction failed", self.name)
 
     def info(self) -> dict:
         return {**self.runner.describe(), "address": self.address, "replica_id": self.replica_id,
@@ -77,11 +102,8 @@ class DrafterActor:
 
     def shutdown(self) -> None:
         self._stop.set()
-        if self._registry is not None:
-            try:
-                self._registry.remove_replica(self.name, self.replica_id)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                log.warning("could not deregister %s", self.replica_id)
+        self._thread.join(timeout=10.0)  # no beat after the deregistration below
+        self._beat(None)
         self._server.stop(grace=2)
 
 

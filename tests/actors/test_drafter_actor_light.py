@@ -1,8 +1,13 @@
 """Drafter actors stay light: the drafter is built from the verifier parts it reads
-(load_verifier_parts), bit-identical to the one built from the whole verifier."""
+(load_verifier_parts), bit-identical to the one built from the whole verifier; the actor reports
+to its registry through a heartbeat callback (no cluster, no redis)."""
 
 import dataclasses
 import json
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ from taps.models.loading import VerifierParts, load_verifier, load_verifier_part
 from taps.runtime import DrafterSpec, build_drafter
 from tests.support import random_llama, save_hf_llama, tiny_config
 
+REPO = Path(__file__).resolve().parents[2]
 V, H = 97, 32
 
 
@@ -100,3 +106,78 @@ def test_parts_refuse_another_verifiers_drafter(tmp_path):
         load_drafter(tmp_path / "d", other)
     assert load_drafter(tmp_path / "d", load_verifier_parts(str(tmp_path / "a"))) is not None
     assert verifier_config(str(tmp_path / "a")).hidden_size == H
+
+
+def test_drafter_actor_module_imports_neither_cluster_nor_redis():
+    code = ("import sys, actors.drafter_actor; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('cluster', 'redis')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    src = (REPO / "actors" / "drafter_actor.py").read_text()
+    assert "import redis" not in src and "from cluster" not in src and "import cluster" not in src
+
+
+class _Recorder:
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple] = []
+        self.fail = fail
+        self.beat = threading.Event()
+
+    def __call__(self, name, replica_id, address):
+        self.calls.append((name, replica_id, address))
+        if len(self.calls) >= 3:
+            self.beat.set()
+        if self.fail:
+            raise ConnectionError("registry down")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_drafter_actor_heartbeat_callback(tmp_path, caplog, fail):
+    """Registered at start, refreshed every heartbeat_s, deregistered with address None on shutdown;
+    a failing callback is logged and serving goes on. Built from the verifier parts, not the verifier."""
+    from actors.drafter_actor import DrafterActor
+    from actors.grpc_client import SyncDrafterClient
+
+    vdir = _save_verifier(tmp_path / "v")
+    hb = _Recorder(fail=fail)
+    actor = DrafterActor("x", None, verifier=str(vdir), heartbeat=hb, heartbeat_s=0.05)
+    try:
+        info = actor.info()
+        assert hb.calls[0] == ("x", info["replica_id"], info["address"])
+        assert hb.beat.wait(10.0)
+        assert all(c == hb.calls[0] for c in list(hb.calls))
+        assert isinstance(actor.runner.drafter.embed_tokens, torch.nn.Embedding)
+        with SyncDrafterClient(info["address"]) as c:  # still serving after failed beats
+            tree, _ = c.draft("r", torch.tensor([5, 6, 7]), torch.randn(3, H),
+                              TreeConfig(depth=2, top_k=1, total_tokens=3), start=0)
+            assert tree.tokens.numel() == 3
+    finally:
+        actor.shutdown()
+    assert hb.calls[-1] == ("x", info["replica_id"], None)
+    n = len(hb.calls)
+    time.sleep(0.2)
+    assert len(hb.calls) == n  # no beat after deregistration
+    if fail:
+        assert "heartbeat" in caplog.text and "registry down" in caplog.text
+
+
+def test_drafter_actor_refuses_a_heartbeat_that_is_not_callable(tmp_path):
+    from actors.drafter_actor import DrafterActor
+
+    with pytest.raises(TypeError, match="heartbeat"):  # e.g. a caller still passing a registry URL
+        DrafterActor("lookup", None, verifier=str(_save_verifier(tmp_path / "v")), heartbeat="redis://x:6379")
+
+
+def test_drafter_actor_without_heartbeat_evicts_idle_requests(tmp_path):
+    from actors.drafter_actor import DrafterActor
+
+    actor = DrafterActor("lookup", None, verifier=str(_save_verifier(tmp_path / "v")), heartbeat_s=0.05,
+                         idle_timeout_s=0.0)
+    try:
+        assert actor.info()["hidden_size"] == H
+        actor.runner.draft("r", torch.tensor([1, 2, 1]), None, TreeConfig(depth=2, top_k=1, total_tokens=3))
+        deadline = time.monotonic() + 10
+        while actor.runner.active_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert actor.runner.active_requests == 0
+    finally:
+        actor.shutdown()
