@@ -122,11 +122,16 @@ def _replica_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def drafter_actor_options(name: str, gpu: bool) -> dict:
-    """Ray options: one GPU and the specialist's worker-group resource on a cluster, a CPU share locally."""
+def drafter_actor_options(name: str, gpu: bool, num_cpus: float | None = None) -> dict:
+    """Ray options: on a GPU cluster one GPU and the specialist's worker-group resource
+    (`drafter_NAME`), so it lands on its own domain's pod; locally no CPU reservation (num_cpus 0),
+    so any number of drafters fits any machine (a share of 0.25 each left later actors unplaced on
+    a 2-CPU node). An explicit `num_cpus` is reserved as given, in either case."""
     opts = {"max_restarts": -1, "max_task_retries": 0, "max_concurrency": 4}
     if gpu:
         opts.update(num_gpus=1, resources={f"drafter_{name}": 1})
     else:
-        opts.update(num_cpus=0.25)
+        opts.update(num_cpus=0)
+    if num_cpus is not None:
+        opts.update(num_cpus=num_cpus)
     return opts

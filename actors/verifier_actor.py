@@ -71,12 +71,17 @@ class VerifierActor:
         return True
 
 
-def verifier_actor_options(gpu: bool) -> dict:
-    """Ray options: an A100-class GPU on a cluster, a fraction of a CPU locally; restarted on failure.
-    Calls are concurrent (async actor): the scheduler batches them into ticks."""
+def verifier_actor_options(gpu: bool, num_cpus: float | None = None) -> dict:
+    """Ray options: an A100-class GPU on a cluster (num_gpus 1, accelerator_type A100); locally no CPU
+    reservation (num_cpus 0), so it is placed on any machine whatever else runs there (it still takes
+    the cores it needs: see VerifierActor `threads`). An explicit `num_cpus` is reserved as given, in
+    either case. Restarted on failure. Calls are concurrent (async actor): the scheduler batches them
+    into ticks."""
     opts = {"max_restarts": -1, "max_task_retries": 0, "max_concurrency": 1000}
     if gpu:
         opts.update(num_gpus=1, accelerator_type="A100")
     else:
-        opts.update(num_cpus=0.5)
+        opts.update(num_cpus=0)
+    if num_cpus is not None:
+        opts.update(num_cpus=num_cpus)
     return opts

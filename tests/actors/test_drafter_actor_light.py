@@ -1,6 +1,6 @@
 """Drafter actors stay light: the drafter is built from the verifier parts it reads
 (load_verifier_parts), bit-identical to the one built from the whole verifier; the actor reports
-to its registry through a heartbeat callback (no cluster, no redis)."""
+to its registry through a heartbeat callback (no cluster, no redis); actor options fit any machine."""
 
 import dataclasses
 import json
@@ -181,3 +181,22 @@ def test_drafter_actor_without_heartbeat_evicts_idle_requests(tmp_path):
         assert actor.runner.active_requests == 0
     finally:
         actor.shutdown()
+
+
+def test_actor_options_reserve_no_cpu_locally():
+    from actors.drafter_actor import drafter_actor_options
+    from actors.verifier_actor import verifier_actor_options
+
+    local = drafter_actor_options("math", gpu=False)
+    assert local["num_cpus"] == 0 and "num_gpus" not in local and "resources" not in local
+    assert local["max_restarts"] == -1 and local["max_concurrency"] == 4
+    assert drafter_actor_options("math", gpu=False, num_cpus=0.5)["num_cpus"] == 0.5
+    gpu = drafter_actor_options("math", gpu=True)
+    assert gpu["num_gpus"] == 1 and gpu["resources"] == {"drafter_math": 1} and "num_cpus" not in gpu
+    assert drafter_actor_options("math", gpu=True, num_cpus=2)["num_cpus"] == 2
+
+    vlocal = verifier_actor_options(gpu=False)
+    assert vlocal["num_cpus"] == 0 and "num_gpus" not in vlocal and vlocal["max_concurrency"] == 1000
+    assert verifier_actor_options(gpu=False, num_cpus=1)["num_cpus"] == 1
+    vgpu = verifier_actor_options(gpu=True)
+    assert vgpu["num_gpus"] == 1 and vgpu["accelerator_type"] == "A100" and "num_cpus" not in vgpu
