@@ -4,7 +4,7 @@
 #   docker build -t ghcr.io/taps-serve/taps-serve:0.1.0 .
 #
 # The base tag must match the ray pin in pyproject.toml and rayVersion in
-# k8s/config/values.yaml (tests/test_k8s.py checks both). It ships Python 3.11, CUDA, bash,
+# k8s/config/values.yaml (tests/cluster/test_k8s.py checks both). It ships Python 3.11, CUDA, bash,
 # wget and the `ray` user (uid 1000) that KubeRay expects.
 FROM rayproject/ray:2.60.0-py311-gpu
 

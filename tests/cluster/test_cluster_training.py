@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from ray import serve  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
 
 

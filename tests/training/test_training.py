@@ -21,7 +21,7 @@ from training.features import FeatureError, extract_features, load_features, ver
 from training.objectives import (ObjectiveConfig, alignment_mask, hass_features, next_step_inputs,
                                  objective_loss, training_pairs)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 torch.set_num_threads(1)
 

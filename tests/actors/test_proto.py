@@ -27,7 +27,7 @@ from taps.config import ConfigError, TreeConfig
 from taps.tree import DraftTree
 
 H, VOCAB = 16, 100
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chain(root: int, length: int, name: str, first: int = 10) -> DraftTree:

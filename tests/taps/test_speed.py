@@ -158,15 +158,6 @@ def test_auto_policy_prefers_skip_when_drafts_never_pay(tiny):
     assert max(pol.arms, key=lambda a: a.steps).config is SKIP
 
 
-def test_cli_accepts_tree_auto():
-    from cli.main import build_parser
-
-    args = build_parser().parse_args(["generate", "--prompt", "hi", "--tree", "auto"])
-    assert args.tree == "auto"
-    args = build_parser().parse_args(["eval", "--prompts", "x.jsonl", "--strategies", "merged", "--out", "o.json"])
-    assert args.tree == "fixed"
-
-
 def test_prompt_lookup_proposes_the_latest_continuation():
     from taps.lookup import PromptLookupRunner
 
