@@ -3,7 +3,6 @@ runner and over a tiny real DrafterRunner, status codes for bad input, fuzzed re
 
 import asyncio
 import importlib.metadata
-import subprocess
 import sys
 import threading
 import time
@@ -202,13 +201,6 @@ def test_describe_round_trip():
     info = FakeRunner().describe() | {"checkpoint_sha256": "cd" * 32, "active_requests": 3}
     back = describe_from_pb(describe_to_pb(info))
     assert back == info | {"protocol_version": 1, "objective": "eagle2", "trained": True}
-
-
-def test_core_imports_no_protobuf_or_grpc():
-    code = ("import sys, taps.tree, taps.config, taps.compose, taps.drafting, taps.engine; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'google', 'proto', 'actors')]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
 def test_generated_code_is_current():
