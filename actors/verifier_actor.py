@@ -49,12 +49,14 @@ class VerifierActor:
         self._last_used[job.request_id] = time.monotonic()
         out = await self.scheduler.submit(job)
         # clone: a view would pickle the whole tick's hidden states
-        return PrefillResult(root=out.root, hidden=out.hidden.float().cpu().clone()), self.scheduler.load().to_dict()
+        return (PrefillResult(root=out.root, hidden=out.hidden.float().cpu().clone(), logprobs=out.logprobs),
+                self.scheduler.load().to_dict())
 
     async def verify(self, job: VerifyJob) -> tuple[VerifyResult, dict]:
         self._last_used[job.request_id] = time.monotonic()
         res = await self.scheduler.submit(job)
-        return (VerifyResult(tokens=res.tokens, accepted_nodes=res.accepted_nodes, hidden=res.hidden.float().cpu().clone()),
+        return (VerifyResult(tokens=res.tokens, accepted_nodes=res.accepted_nodes, hidden=res.hidden.float().cpu().clone(),
+                             logprobs=res.logprobs),
                 self.scheduler.load().to_dict())
 
     def release(self, request_id: str) -> None:

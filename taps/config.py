@@ -24,12 +24,18 @@ class TreeConfig:
             raise ConfigError(f"tree total_tokens must be in [2, 1024], got {self.total_tokens}")
 
 
+MAX_LOGPROBS = 20  # most alternatives reported per emitted token (OpenAI's top_logprobs limit)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0 means greedy (argmax) decoding
     top_p: float = 1.0  # nucleus filtering of the verifier distribution (T > 0 only)
     top_k: int = 0  # top-k filtering of the verifier distribution, 0 = off (T > 0 only)
     seed: int | None = None  # seeds the sampler of one request
+    # report the verifier's log-probability of each emitted token and this many top alternatives
+    # (None: off); from the verifier's own distribution (raw logits, before temperature/top-k/top-p)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -38,6 +44,8 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ConfigError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import torch
 
@@ -34,7 +34,7 @@ from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.scheduler import BatchingVerifier, Load
 from taps.stats import GenerationStats
 from taps.tree import DraftTree
-from taps.verify import PrefillJob, PrefillResult, VerifyJob, VerifyResult
+from taps.verify import PrefillJob, PrefillResult, TokenLogprob, VerifyJob, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ def reserve_tokens(max_new_tokens: int, largest_tree: TreeConfig, n_drafters: in
 
 
 # ---------------------------------------------------------------------------------------- state
+class Emitted(list):
+    """The tokens one step kept (a list of ids), with the verifier's log-probabilities of each
+    (`logprobs`, aligned with the tokens) when the request asked for them (sampling.logprobs)."""
+
+    def __init__(self, tokens=(), logprobs: list[TokenLogprob] | None = None):
+        super().__init__(tokens)
+        self.logprobs = logprobs
+
+
 @dataclass
 class Decoding:
     """One request's progress through speculative decoding (no I/O)."""
@@ -98,6 +107,7 @@ class Decoding:
     tree_depth: int
     token_ids: list[int] = field(default_factory=list)
     done: bool = False
+    stopped: bool = False  # ended by the caller's stop condition (not EOS, not max_new_tokens)
     stats: GenerationStats = None  # type: ignore[assignment]
     _next_tokens: torch.Tensor | None = None  # pairs for the drafters' next call
     _next_hidden: torch.Tensor | None = None
@@ -111,9 +121,9 @@ class Decoding:
         if self.strategy.kind != "none":
             self.stats.accepted_by_depth = [0] * self.tree_depth
 
-    def _emit(self, tokens: list[int]) -> list[int]:
+    def _emit(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> Emitted:
         """Append tokens, cutting at EOS (kept) and at max_new_tokens; returns what was kept."""
-        kept = []
+        kept = Emitted()
         for t in tokens:
             if len(self.token_ids) >= self.max_new_tokens:
                 break
@@ -124,12 +134,18 @@ class Decoding:
                 break
         if len(self.token_ids) >= self.max_new_tokens:
             self.done = True
+        if logprobs is not None:
+            kept.logprobs = logprobs[:len(kept)]
         return kept
+
+    def check_stop(self, stop: Callable[[list[int]], bool] | None) -> None:
+        if stop is not None and not self.done and stop(self.token_ids):
+            self.done = self.stopped = True
 
     def start(self, prompt_ids: list[int], prefill: PrefillResult) -> list[int]:
         self._next_tokens = torch.tensor(list(prompt_ids[1:]) + [prefill.root], dtype=torch.long)
         self._next_hidden = prefill.hidden
-        kept = self._emit([prefill.root])
+        kept = self._emit([prefill.root], prefill.logprobs)
         self.stats.new_tokens = len(kept)
         return kept
 
@@ -160,7 +176,7 @@ class Decoding:
             else:  # merged: the subtree the accepted path came from (ties: first listed)
                 src = int(tree.source[result.accepted_nodes[1]]) if result.accept_length else 0
                 winner = names[src]
-        kept = self._emit(result.tokens)
+        kept = self._emit(result.tokens, result.logprobs)
         accepted = min(result.accept_length, len(kept))
         self.stats.observe_step(tree.size, accepted, len(kept), winner, draft_s, verify_s)
         if self.stats.node_log is not None:  # analysis only (record_nodes)
@@ -193,11 +209,13 @@ class PairHistory:
 async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids: list[int], strategy: Strategy,
                  sampling: SamplingConfig, max_new_tokens: int, eos_ids: frozenset[int], tree: TreeConfig,
                  policy: TreePolicy | None = None, request_id: str | None = None, on_error=None,
-                 record_nodes: bool = False) -> AsyncIterator:
-    """Async generator of emitted token lists; the final Decoding is yielded last as ("done", state).
+                 record_nodes: bool = False, stop: Callable[[list[int]], bool] | None = None) -> AsyncIterator:
+    """Async generator of each step's kept tokens (`Emitted`, a list of ids); the final Decoding is
+    yielded last as ("done", state).
 
     Drafters of the strategy missing from `proposers` never draft. With `policy` each step's arm
-    (a tree, SKIP, or a per-drafter plan) comes from the policy; else every drafter grows `tree`."""
+    (a tree, SKIP, or a per-drafter plan) comes from the policy; else every drafter grows `tree`.
+    `stop(token_ids)`, asked after each step, ends decoding early (state.stopped; e.g. a stop string)."""
     rid = request_id or uuid.uuid4().hex
     largest = policy.max_tree if policy else tree
     state = Decoding(strategy, max_new_tokens, eos_ids, largest.depth)
@@ -210,6 +228,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
         prefill = await verifier.prefill(PrefillJob(rid, list(prompt_ids), sampling,
                                                     reserve_tokens(max_new_tokens, largest, len(strategy.drafters))))
         kept = state.start(prompt_ids, prefill)
+        state.check_stop(stop)
         if kept:
             yield kept
         while not state.done:
@@ -225,6 +244,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             result = await verifier.verify(VerifyJob(rid, chosen))
             t3 = time.perf_counter()
             kept = state.observe(result, t2 - t1, t3 - t2)
+            state.check_stop(stop)
             if policy:
                 policy.observe(arm, len(result.tokens), seconds=t3 - t1, draft_s=t2 - t1)
             if kept:

@@ -27,10 +27,33 @@ class ContextOverflowError(ValueError):
     """The request does not fit the verifier's context window."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The verifier's log-probability of one emitted token (raw logits: its own distribution, before
+    temperature, top-k and top-p), and the `top` most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Rows [n, V] of logits and the token emitted after each row -> n TokenLogprobs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long).view(-1, 1)).view(-1).tolist()
+    if k:
+        vals, idx = lp.topk(k, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
+
+
 @dataclass
 class PrefillResult:
     root: int  # first generated token (sampled by the verifier), the root of the first tree
     hidden: torch.Tensor  # [n, H] verifier features f_1..f_n of the prompt
+    logprobs: list[TokenLogprob] | None = None  # of root, when the request asked (sampling.logprobs)
 
 
 @dataclass
@@ -38,6 +61,7 @@ class VerifyResult:
     tokens: list[int]  # emitted this step: accepted draft tokens then the bonus token
     accepted_nodes: list[int]  # tree node ids of the path, root first: [0, a_1, .., a_k]
     hidden: torch.Tensor  # [k + 1, H] features at root, a_1..a_k (the drafters' next input)
+    logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the request asked
 
     @property
     def accept_length(self) -> int:
@@ -91,6 +115,10 @@ class _Request:
         if self.sampling.greedy:
             return logits.argmax(-1)
         return gumbel_targets(torch.log(process_logits(logits, self.sampling)), self.seed, positions)
+
+    def logprobs(self, logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob] | None:
+        k = self.sampling.logprobs
+        return None if k is None else token_logprobs(logits, tokens, k)
 
 
 @dataclass
@@ -191,10 +219,11 @@ class VerifierRunner:
             st = self._requests[jobs[i].request_id]
             if isinstance(jobs[i], PrefillJob):
                 root = int(st.targets(rows, torch.tensor([s.rows]))[0])  # the token at position n
-                out[i] = PrefillResult(root=root, hidden=hidden[s.row:s.row + s.rows])
+                out[i] = PrefillResult(root=root, hidden=hidden[s.row:s.row + s.rows],
+                                       logprobs=st.logprobs(rows, [root]))
             else:
                 tree = jobs[i].tree
-                trees.append((i, s, st.targets(rows, tree.depths + (s.base + 1))))
+                trees.append((i, s, st.targets(rows, tree.depths + (s.base + 1)), rows))
         if trees:
             self._accept(jobs, trees, hidden, out)
         self.last_tick = TickStats(len(live), row)
@@ -230,14 +259,16 @@ class VerifierRunner:
         return Segment(st.cache, row, tree.size, mask), tree.tokens, tree.positions(base)
 
     def _accept(self, jobs, trees, hidden: torch.Tensor, out: list) -> None:
-        batch = VerifyBatch.from_trees([jobs[i].tree for i, _, _ in trees])
-        acc = accept_greedy_batch(batch, torch.cat([t for _, _, t in trees]))
-        for (i, s, _), path, bonus in zip(trees, acc.paths, acc.bonus):
+        batch = VerifyBatch.from_trees([jobs[i].tree for i, _, _, _ in trees])
+        acc = accept_greedy_batch(batch, torch.cat([t for _, _, t, _ in trees]))
+        for (i, s, _, rows), path, bonus in zip(trees, acc.paths, acc.bonus):
             tree = jobs[i].tree
             keep = torch.tensor(path, device=self.device)
             s.cache.keep(s.base, keep + s.base)  # compact: root + accepted nodes stay, the rest of the tree goes
-            out[i] = VerifyResult(tokens=tree.tokens[path[1:]].tolist() + [bonus], accepted_nodes=path,
-                                  hidden=hidden[s.row + keep])
+            tokens = tree.tokens[path[1:]].tolist() + [bonus]
+            # the k-th emitted token was predicted at the k-th node of the path (root first)
+            lps = self._requests[jobs[i].request_id].logprobs(rows[path], tokens)
+            out[i] = VerifyResult(tokens=tokens, accepted_nodes=path, hidden=hidden[s.row + keep], logprobs=lps)
 
     # ------------------------------------------------------------------ one request (a step of one job)
     def prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig,
