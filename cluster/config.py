@@ -15,6 +15,9 @@ class DrafterEntry(BaseModel):
     name: str  # strategy spelling: single:<name>
     checkpoint: str | None = None  # drafter directory; None = random-init (labelled untrained)
     replicas: int = Field(1, ge=1, le=64)  # actors serving this specialist
+    # CPUs each actor reserves on a CPU-only cluster (None: 0, so local actors always fit); a GPU
+    # cluster (AppConfig.gpu) reserves one GPU and the drafter_<name> resource instead
+    num_cpus: float | None = Field(None, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -39,7 +42,10 @@ class AppConfig(BaseModel):
     verifier: str | None = None  # HF dir / .gguf / hub id; None = shipped SmolLM2-135M-Instruct
     dtype: str = "float32"  # verifier dtype
     drafter_dtype: str | None = None  # drafter dtype (default: the verifier's)
-    drafters: list[DrafterEntry] = Field(default_factory=list)
+    drafters: list[DrafterEntry] = Field(default_factory=list)  # started with the application
+    # registered, started by the first request that names them (or `taps drafters add`)
+    lazy_drafters: list[DrafterEntry] = Field(default_factory=list)
+    served_model_names: list[str] | None = None  # `model` names requests may use (None: the verifier's name)
     strategy: str = "merged"  # default when a request names none
     default_drafters: list[str] | None = None  # drafters a request uses when it names none (None: every ready one)
     tree: TreeArgs = Field(default_factory=TreeArgs)
@@ -55,6 +61,11 @@ class AppConfig(BaseModel):
     gpu: bool = False  # ask Ray for GPUs (cluster) instead of CPU shares (local)
     grpc_host: str = "127.0.0.1"  # drafter gRPC bind address: 127.0.0.1 locally, node-ip on a cluster
     threads: int = 0  # torch threads per actor (0: default)
+    verifier_num_cpus: float | None = Field(None, ge=0)  # CPU-only clusters: the verifier's reservation (None: 0)
+    # an actor that Ray cannot place (its resources are short) for this long fails start-up with one
+    # line naming the resource; raise it on an autoscaling cluster where nodes take minutes to come
+    placement_timeout_s: float = Field(30.0, gt=0)
+    start_timeout_s: float = Field(600.0, gt=0)  # a placed actor must load its model within this
     min_replicas: int = Field(1, ge=1)  # router autoscaling
     max_replicas: int = Field(2, ge=1)
 

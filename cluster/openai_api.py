@@ -1,12 +1,15 @@
-"""OpenAI-compatible request models, response builders and the error shape (CONTRACTS.md)."""
+"""OpenAI-compatible request models, the error shape (CONTRACTS.md), incremental detokenizing and
+stop-sequence matching. A parameter the server does not implement is refused by name (400), never
+accepted and ignored."""
 
 from __future__ import annotations
 
-import json
-import time
+from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from taps.config import MAX_LOGPROBS
 
 
 class TapsOptions(BaseModel):
@@ -32,27 +35,129 @@ class Message(BaseModel):
         return self.content or ""
 
 
+MAX_STOPS = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with `usage` and no choices
+
+
 class _Common(BaseModel):
+    # a parameter this server does not know is refused (400 naming it), never silently ignored
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
     user: str | None = None
+    # accepted only at their no-op values (0 / empty): this server does not implement them
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     taps: TapsOptions | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("penalties are not supported by this server (only 0)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]  # json_object / json_schema would need constrained decoding: refused
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _top(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (prompt log-probabilities) is not supported by this server")
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
 
 
 class DrafterAdd(BaseModel):
@@ -66,34 +171,6 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
           code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
-
-
-def completion_body(kind: str, rid: str, model: str, text: str, finish: str, prompt_tokens: int,
-                    token_ids: list[int], stats: dict) -> dict:
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-              if kind == "chat" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
-                      "total_tokens": prompt_tokens + len(token_ids)},
-            "taps": {**stats, "token_ids": token_ids}}
-
-
-def chunk(kind: str, rid: str, model: str, text: str | None, finish: str | None, first: bool = False,
-          extra: dict | None = None) -> str:
-    if kind == "chat":
-        delta = {"role": "assistant"} if first else {}
-        if text:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
-    if extra:
-        body.update(extra)
-    return f"data: {json.dumps(body)}\n\n"
 
 
 class IncrementalDetokenizer:
@@ -111,3 +188,44 @@ class IncrementalDetokenizer:
             return ""
         delta, self.sent = text[self.sent:], len(text)
         return delta
+
+
+class StopMatcher:
+    """Stop sequences over a growing text: what may be sent, holding back a tail that could still
+    begin a stop sequence, and where the first stop sequence starts."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.hit = False
+
+    def push(self, delta: str, final: bool = False) -> str:
+        """Add text; returns the text now safe to send (all of it up to a stop when one is hit)."""
+        if self.hit:
+            return ""
+        self.text += delta
+        at = first_stop(self.text, self.stops, max(0, self.sent - self.keep))
+        if at is not None:
+            self.hit = True
+            end = at
+        elif final or not self.stops:
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self._pending())
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def _pending(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop sequence."""
+        for n in range(min(self.keep, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+
+def first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None

@@ -54,6 +54,29 @@ def _stop_when_gone(host_pid: int, server_pid: int, server_dir: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=10)
 
 
+class RegistryHeartbeat:
+    """The drafter actors' heartbeat callback (picklable: it holds only the URL): called as
+    (name, replica_id, address) to register or refresh a replica, and with address None to leave."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._registry: Registry | None = None
+
+    def __getstate__(self):
+        return {"url": self.url}
+
+    def __setstate__(self, state):
+        self.url, self._registry = state["url"], None
+
+    def __call__(self, name: str, replica_id: str, address: str | None) -> None:
+        if self._registry is None:
+            self._registry = Registry(self.url)
+        if address is None:
+            self._registry.remove_replica(name, replica_id)
+        else:
+            self._registry.heartbeat(name, replica_id, address)
+
+
 class Registry:
     def __init__(self, url: str):
         self.url = url

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("taps.serve")
@@ -75,19 +76,35 @@ def config_from_args(args) -> dict:
 
         base = ddir or default_drafter_dir()
         shipped = shipped_drafters(base)
-        # the paper's pair and the weightless lookup drafter; every actor of a 2-CPU laptop fits
-        # (the other shipped drafters: `taps drafters add NAME=PATH` on the running server)
+        # the paper's pair and the weightless lookup drafter start with the server; every other
+        # shipped drafter is registered and starts on the first request that names it
         pair = [n for n in ("math", "chat") if n in shipped] or shipped[:2]
         cfg["drafters"] = ([{"name": n, "checkpoint": str(base / n)} for n in pair] + [{"name": "lookup"}]
                            if pair else [{"name": "math"}, {"name": "chat"}])
         others = [n for n in shipped if n not in pair]
+        cfg.setdefault("lazy_drafters", [{"name": n, "checkpoint": str(base / n)} for n in others])
         if others:
-            log.warning("starting drafters %s; also shipped (add with `taps drafters add NAME=%s/NAME`): %s",
-                        ", ".join(d["name"] for d in cfg["drafters"]), base, ", ".join(others))
+            log.info("starting drafters %s; also registered, started by the first request naming them: %s",
+                     ", ".join(d["name"] for d in cfg["drafters"]), ", ".join(others))
     names = [d["name"] for d in cfg["drafters"]]
     if "default_drafters" not in cfg and {"math", "chat"} <= set(names):
         cfg["default_drafters"] = ["math", "chat"]  # the paper's pair; others are used when a request names them
     return cfg
+
+
+def placement_plan(cfg) -> list[tuple[str, dict]]:
+    """Every actor a config starts, as (what, Ray options), for a placement check before start-up."""
+    from actors.drafter_actor import drafter_actor_options
+    from actors.verifier_actor import verifier_actor_options
+
+    plan = [("verifier actor taps-verifier", verifier_actor_options(cfg.gpu, num_cpus=cfg.verifier_num_cpus))]
+    plan += [(f"drafter actor taps-drafter-{e.name}-{i}", drafter_actor_options(e.name, cfg.gpu, num_cpus=e.num_cpus))
+             for e in cfg.drafters for i in range(e.replicas)]
+    return plan
+
+
+class _Interrupted(BaseException):
+    """Raised in the main thread by SIGINT / SIGTERM, wherever start-up is."""
 
 
 def main(args) -> int:
@@ -95,7 +112,8 @@ def main(args) -> int:
     from ray import serve
 
     from cluster.app import NAMESPACE, build_app
-
+    from cluster.config import AppConfig
+    from cluster.fleet import check_placement
     from taps.lookup import is_lookup
 
     cfg = config_from_args(args)
@@ -104,27 +122,78 @@ def main(args) -> int:
             log.warning("drafter %r has no checkpoint: serving a RANDOM-INIT (untrained) drafter", d["name"])
     app = build_app(cfg)  # validates the config before anything starts
     use_patient_serve_env()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE)
-    else:
-        ray.init(address="local", namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8265)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="taps", route_prefix="/", blocking=False)
-    print(f"TAPS-Serve ready on http://{args.host}:{args.port} (OpenAI API under /v1); "
-          f"Ray dashboard and job server on http://127.0.0.1:8265; Ctrl-C stops", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    print("shutting down ...", file=sys.stderr, flush=True)
-    serve.shutdown()
-    # the actors are detached (they outlive a router replica): stop them too, also on a shared cluster
-    names = [n for n in ray.util.list_named_actors() if n.startswith("taps-drafter-")]
-    for name in names + ["taps-verifier", "taps-registry"]:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stopping.is_set():
+            return
+        stopping.set()
+        raise _Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    local = not os.environ.get("RAY_ADDRESS")
+    rc = 0
+    try:
+        if local:
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=8265)
+        else:
+            ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE)
+        short = check_placement(placement_plan(AppConfig.model_validate(cfg)), free=ray.available_resources())
+        if short:
+            print(f"taps serve: {short}", file=sys.stderr, flush=True)
+            return 1
+        serve.start(http_options={"host": args.host, "port": args.port})
+        t0 = time.monotonic()
+        serve.run(app, name="taps", route_prefix="/", blocking=False)
+        print(f"TAPS-Serve ready on http://{args.host}:{args.port} (OpenAI API under /v1) in "
+              f"{time.monotonic() - t0:.0f} s; Ray dashboard and job server on http://127.0.0.1:8265; Ctrl-C stops",
+              flush=True)
+        while not stopping.wait(1.0):
             pass
-    ray.shutdown()
-    return 0
+    except _Interrupted:
+        pass
+    except Exception as e:  # noqa: BLE001 - start-up failed: one line, then everything stops
+        print(f"taps serve: start-up failed: {_last_line(e)}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        stopping.set()
+        _shutdown(local)
+    return rc
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _shutdown(local: bool, limit_s: float = 8.0) -> None:
+    """Stop everything `taps serve` started, within `limit_s` whatever hangs (then the process exits)."""
+    import ray
+    from ray import serve
+
+    print("shutting down ...", file=sys.stderr, flush=True)
+    timer = threading.Timer(limit_s, lambda: os._exit(130))
+    timer.daemon = True
+    timer.start()
+    try:
+        if not ray.is_initialized():
+            return
+        if not local:  # a shared cluster: remove our application, leave the cluster running
+            try:
+                serve.delete("taps", _blocking=False)
+            except Exception:  # noqa: BLE001 - best effort
+                log.warning("could not delete the Serve application")
+        # the actors are detached (they outlive a replica): stop them too
+        from cluster.app import NAMESPACE
+
+        names = ray.util.list_named_actors()  # this driver's namespace: taps
+        for name in [n for n in names if n.startswith("taps-drafter-")] + ["taps-verifier", "taps-registry"]:
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+        ray.shutdown()  # a local cluster started here stops with its driver
+    finally:
+        timer.cancel()

@@ -48,8 +48,9 @@ def cluster(tmp_path_factory):
     cfg = {"verifier": str(vdir), "dtype": "float64", "tree": {**TREE, "mode": "fixed"}, "strategy": "merged",
            "drafters": [{"name": "math", "checkpoint": str(paths["math"])},
                         {"name": "chat", "checkpoint": str(paths["chat"])}],
+           "lazy_drafters": [{"name": "lazy", "checkpoint": str(paths["code"])}],
            "api_key": API_KEY, "admin_key": ADMIN_KEY, "max_len": 512, "max_tokens_limit": 64,
-           "deadline_ms": 20000, "min_replicas": 1, "max_replicas": 1}
+           "deadline_ms": 20000, "min_replicas": 1, "max_replicas": 1, "served_model_names": ["tiny"]}
     from cluster.serve import use_patient_serve_env
 
     use_patient_serve_env()
@@ -122,7 +123,161 @@ def test_streaming_and_completions(cluster):
     comp = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
     ids = cluster["verifier"].tokenizer.encode("The capital of France is")
     assert comp.model_extra["taps"]["token_ids"] == _reference(cluster, ids, 12)
-    assert [m.id for m in client.models.list().data] == ["verifier"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]  # served_model_names
+
+
+# ---------------------------------------------------------------------------------------- OpenAI compatibility
+# Each case with the official `openai` client, as a user would call it (issue #17 item 4).
+
+def _text(cluster, ids):
+    return cluster["verifier"].tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stream_sends_finish_reason_once_per_choice_in_its_last_chunk(cluster):
+    client = _client(cluster)
+    for kind in ("chat", "completion"):
+        common = dict(model="tiny", max_tokens=10, temperature=0, stream=True, n=2)
+        stream = (client.chat.completions.create(messages=MESSAGES, **common) if kind == "chat" else
+                  client.completions.create(prompt="The capital of France is", **common))
+        seen: dict[int, list] = {0: [], 1: []}
+        for ev in stream:
+            for ch in ev.choices:
+                seen[ch.index].append(ch.finish_reason)
+        for index, reasons in seen.items():
+            assert [r for r in reasons if r] == ["length"], (kind, index)
+            assert reasons[-1] == "length"  # in the choice's last chunk
+
+
+def test_stop_sequences_end_the_text_before_them(cluster):
+    client = _client(cluster)
+    ref = _reference(cluster, cluster["verifier"].encode_chat(MESSAGES), 24)
+    full = _text(cluster, ref)
+    stop = full[8:11]  # a piece from the middle of what plain decoding writes
+    assert stop and full.index(stop) > 0
+    want = full[:full.index(stop)]
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0,
+                                       stop=[stop, "never-in-the-text"])
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < len(ref)  # decoding ended early, not just the text
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0,
+                                            stop=stop, stream=True)
+    pieces, reasons = [], []
+    for ev in stream:
+        for ch in ev.choices:
+            pieces.append(ch.delta.content or "")
+            reasons.append(ch.finish_reason)
+    assert "".join(pieces) == want and [x for x in reasons if x] == ["stop"]
+
+
+def test_seed_makes_sampling_reproducible_and_n_gives_seed_plus_index(cluster):
+    client = _client(cluster)
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=16, temperature=1.0,
+              extra_body={"taps": {"strategy": "merged"}})
+    a = client.chat.completions.create(seed=1234, **kw)
+    b = client.chat.completions.create(seed=1234, **kw)
+    assert a.model_extra["taps"]["token_ids"] == b.model_extra["taps"]["token_ids"]
+    both = client.chat.completions.create(seed=1234, n=2, **kw)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].model_extra["taps"]["token_ids"] == a.model_extra["taps"]["token_ids"]
+    c = client.chat.completions.create(seed=1235, **kw)  # choice 1 used seed + 1
+    assert both.choices[1].model_extra["taps"]["token_ids"] == c.model_extra["taps"]["token_ids"]
+
+
+def _reference_logprobs(cluster, prompt_ids, tokens, k):
+    from taps.models.llama import causal_mask
+
+    model = cluster["verifier"].model
+    seq = list(prompt_ids) + list(tokens)
+    with torch.no_grad():
+        h = model(torch.tensor([seq]), torch.arange(len(seq))[None], None, causal_mask(len(seq))[None, None])
+        lp = torch.log_softmax(model.logits(h[0]).double(), -1)[len(prompt_ids) - 1:len(seq) - 1]
+    return lp.gather(1, torch.tensor(tokens).view(-1, 1)).view(-1).tolist(), lp.topk(k, -1)
+
+
+def test_logprobs_are_the_verifiers_for_chat_and_completions(cluster):
+    client = _client(cluster)
+    prompt_ids = cluster["verifier"].encode_chat(MESSAGES)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"taps": {"strategy": "merged"}})
+    ids = r.model_extra["taps"]["token_ids"]
+    want, (top_v, _) = _reference_logprobs(cluster, prompt_ids, ids, 3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ids)
+    assert [c.logprob for c in content] == pytest.approx(want, abs=1e-6)
+    assert [t.logprob for c in content for t in c.top_logprobs] == pytest.approx(top_v.view(-1).tolist(), abs=1e-6)
+    assert "".join(c.token for c in content) == _text(cluster, ids)
+    # streamed: the same entries, spread over the chunks
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [c.logprob for ev in stream for ch in ev.choices if ch.logprobs for c in ch.logprobs.content]
+    assert streamed == pytest.approx(want, abs=1e-6)
+    comp = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, temperature=0,
+                                     logprobs=2)
+    ids = comp.model_extra["taps"]["token_ids"]
+    pids = cluster["verifier"].tokenizer.encode("The capital of France is")
+    want, _ = _reference_logprobs(cluster, pids, ids, 2)
+    lp = comp.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(want, abs=1e-6)
+    assert len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_echo_and_a_list_of_prompts(cluster):
+    client = _client(cluster)
+    prompts = ["The capital of France is", "One, two, three,"]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, echo=True, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]  # prompt i, choice j -> i * n + j
+    for c in r.choices:
+        prompt = prompts[c.index // 2]
+        ids = _reference(cluster, cluster["verifier"].tokenizer.encode(prompt), 6)
+        assert c.text == prompt + _text(cluster, ids)
+    stream = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=6, temperature=0, echo=True,
+                                       stream=True)
+    assert "".join(ch.text for ev in stream for ch in ev.choices).startswith(prompts[0])
+
+
+def test_unknown_model_is_404_model_not_found(cluster):
+    client = _client(cluster)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_stream_options_include_usage_sends_a_final_usage_chunk(cluster):
+    client = _client(cluster)
+    events = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=7, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    last = events[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 7
+    assert last.usage.prompt_tokens == len(cluster["verifier"].encode_chat(MESSAGES))
+    assert all(ev.usage is None for ev in events[:-1])
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"extra_body": {"best_of_n_tricks": 3}}, "best_of_n_tricks"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+])
+def test_unsupported_parameters_are_refused_by_name(cluster, kw, param):
+    client = _client(cluster)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, **kw)
+    assert param in e.value.body["message"] and (e.value.body["param"] or "").startswith(param)
+
+
+def test_lazy_drafter_starts_on_the_first_request_naming_it(cluster):
+    """A registered, not started drafter (lazy_drafters) starts when a request names it."""
+    listed = {d["name"]: d for d in _admin(cluster, "GET", "/v1/drafters").json()["data"]}
+    assert listed["lazy"]["status"] == "available" and listed["lazy"]["replicas"] == []
+    client = _client(cluster)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                       extra_body={"taps": {"strategy": "single:lazy"}})
+    taps = r.model_extra["taps"]
+    assert taps["token_ids"] == _reference(cluster, cluster["verifier"].encode_chat(MESSAGES), 12)
+    assert taps["selected"].get("lazy", 0) == taps["steps"] > 0
+    listed = {d["name"]: d for d in _admin(cluster, "GET", "/v1/drafters").json()["data"]}
+    assert listed["lazy"]["status"] == "ready" and len(listed["lazy"]["replicas"]) == 1
 
 
 def _admin(cluster, method, path, **kw):
