@@ -7,10 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cli.main import build_parser
 from tests.support import make_tiny_verifier_dir
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
     cases = [
@@ -27,6 +30,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
         assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_cli_generate_json_contract(tmp_path):
     vdir = make_tiny_verifier_dir(tmp_path / "tiny")
     p = subprocess.run([sys.executable, "-m", "cli", "generate", "--verifier", str(vdir),

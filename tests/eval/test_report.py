@@ -88,6 +88,7 @@ def test_report_page_and_figures_from_result_files(tiny_hf, tmp_path):
         assert f"results/{png}" in page
 
 
+@pytest.mark.slow
 def test_peers_hf_greedy_and_prompt_lookup_equal_taps_none(tiny_hf):
     from eval.peers import hf_peers, run_peers, taps_peer
 
@@ -114,6 +115,7 @@ def test_peers_hf_greedy_and_prompt_lookup_equal_taps_none(tiny_hf):
     assert by["taps:none"]["ratio_vs_reference"] == 1.0
 
 
+@pytest.mark.slow
 def test_llama_cpp_peer_runs_on_the_shipped_gguf():
     pytest.importorskip("llama_cpp")
     from eval.peers import find_gguf, llama_cpp_peers

@@ -252,6 +252,7 @@ def _exact_sequence_probs(model, prompt, length, sampling):
     return {tuple(s): float(p) for s, p in zip(seqs, probs)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,sampling", [
     ("merged", SamplingConfig(temperature=1.0)),
     ("confidence", SamplingConfig(temperature=0.8, top_p=0.9)),

@@ -78,6 +78,7 @@ def test_alignment_mask_worked_examples():
     assert torch.equal(alignment_mask(3, 4), want3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["eagle2", "hass"])
 def test_loss_falls_on_a_fixed_batch(verifier, objective):
     d = make_drafter(verifier)
@@ -270,6 +271,7 @@ def trained_tiny(tmp_path_factory):
     return root, json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_drafter_tiny_without_ray(trained_tiny):
     from taps.compose import parse_strategy
     from taps.config import SamplingConfig, TreeConfig
@@ -289,6 +291,7 @@ def test_train_drafter_tiny_without_ray(trained_tiny):
     assert len(res.token_ids) == 8
 
 
+@pytest.mark.slow
 def test_model_card_from_report_rows(trained_tiny, tmp_path):
     from training.evaluate import cli as evaluate_cli
 
@@ -308,6 +311,7 @@ def test_model_card_from_report_rows(trained_tiny, tmp_path):
     assert "steps: 6 " in card
 
 
+@pytest.mark.slow
 def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     """draft_head verifier-rows: the head stays the verifier's lm_head rows (exact targets), is not saved,
     and the reloaded drafter drafts over its token map."""
@@ -352,6 +356,7 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     assert json.loads((root / "runs/tiny/reduced_hass/drafter.json").read_text())["objective"] == "hass"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
     root_a, _ = trained_tiny
     root_b = _workspace(tmp_path)
@@ -365,6 +370,7 @@ def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
     assert a == b  # bit-identical weights
 
 
+@pytest.mark.slow
 def test_time_budget_counts_earlier_sessions(tmp_path):
     """time_budget_s is the training time in all: a rerun after a kill trains only what is left of it."""
     root = _workspace(tmp_path)
@@ -422,6 +428,7 @@ def test_bad_configs_fail_clearly(tmp_path):
     assert r.returncode == 2 and "no_such_verifier' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_verifiers_checkpoint(trained_tiny, tmp_path):
     from tests.support import make_tiny_verifier_dir
 
@@ -444,6 +451,7 @@ def test_training_does_nothing_at_import():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_train_drafter_on_ray_train_two_workers(tmp_path):
     """Ray Train TorchTrainer + DeepSpeed (gloo) with 2 CPU workers on a local Ray; a rerun resumes."""
