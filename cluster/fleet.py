@@ -56,11 +56,11 @@ def check_placement(plan: list[tuple[str, dict]], free: dict[str, float] | None 
     """Would every (what, actor options) of `plan` fit, placed one after another? The first shortage, else None."""
     total = dict(total if total is not None else ray.cluster_resources())
     free = dict(free if free is not None else total)
-    for what, opts in plan:
+    for i, (what, opts) in enumerate(plan):
         need = actor_resources(opts)
         short = placement_shortage(what, need, free, total)
         if short:
-            return short
+            return short + (f" once the {i} actor(s) before it are placed" if i else "")
         for k, v in need.items():
             free[k] = free.get(k, 0.0) - v
     return None

@@ -15,9 +15,11 @@ from pathlib import Path
 log = logging.getLogger("taps.serve")
 
 
-# Serve kills a proxy that is not ready within 5 s (health checks: 10 s); on a busy 2-core machine
-# a Python process can need longer just to start. Generous defaults, still overridable.
-PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+# Serve kills a proxy that is not ready within 5 s (health checks: 10 s), and its request router
+# gives a replica 0.1 s to report its queue length (then warns and retries); on a busy 2-core machine
+# a Python process can need longer. Generous defaults, still overridable.
+PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
 
 
 def use_patient_serve_env() -> None:
