@@ -199,6 +199,8 @@ def serve_args(values: dict) -> dict:
         "deadline_ms": s["deadline_ms"],
         "min_replicas": s["router_min_replicas"],
         "max_replicas": s["router_max_replicas"],
+        # the autoscaler adds a GPU pod for an actor that cannot be placed: minutes, not seconds
+        "placement_timeout_s": s.get("placement_timeout_s", 900),
         # redis_url, api_key, admin_key are left out: the router reads REDIS_URL, TAPS_API_KEY
         # and TAPS_ADMIN_KEY from the environment (app_env), so no secret is in the spec.
     }
