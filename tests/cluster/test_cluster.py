@@ -347,7 +347,13 @@ def test_killed_drafter_does_not_break_requests(cluster):
     errors_after = _metric(httpx.get(base + "/metrics", timeout=60).text, "taps_drafter_errors_total", drafter="chat")
     assert errors_after > errors_before  # the failure shows in /metrics
     # it comes back on a new port and replaces its own registry entry, and serves the next request
-    address = ray.get(actor.info.remote(), timeout=180)["address"]
+    address, t0 = None, time.monotonic()
+    while address is None:  # calls to a restarting actor fail at once (ActorUnavailableError): ask until it is up
+        try:
+            address = ray.get(actor.info.remote(), timeout=180)["address"]
+        except ray.exceptions.ActorUnavailableError:
+            assert time.monotonic() - t0 < 180, "the killed drafter did not come back"
+            time.sleep(0.5)
     chat = [d for d in _admin(cluster, "GET", "/v1/drafters").json()["data"] if d["name"] == "chat"][0]
     assert chat["replicas"] == [address] and chat["status"] == "ready"
     r = _client(cluster).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
