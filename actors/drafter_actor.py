@@ -30,7 +30,7 @@ from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
-from taps.runtime import build_drafter, parse_dtype, resolve_drafter
+from taps.runtime import build_drafter, parse_dtype, resolve_drafter, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DrafterActor:
             self.runner = PromptLookupRunner(name, hidden_size=verifier_config(verifier).hidden_size)
         else:
             # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
-            parts = load_verifier_parts(verifier, dtype=parse_dtype(dtype), device=device)
+            parts = load_verifier_parts(verifier, dtype=parse_dtype(resolve_dtype(dtype, verifier, device)), device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
             drafter = build_drafter(spec, parts, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
                                     expected_sha256=expected_sha256)

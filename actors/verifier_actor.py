@@ -11,7 +11,7 @@ import time
 import torch
 
 from taps.models.loading import load_verifier
-from taps.runtime import parse_dtype
+from taps.runtime import parse_dtype, resolve_dtype
 from taps.scheduler import BatchingVerifier
 from taps.verify import PrefillJob, PrefillResult, VerifierRunner, VerifyJob, VerifyResult
 
@@ -29,7 +29,8 @@ class VerifierActor:
         # with 1 verifier thread, 130 ms with 2 threads competing with them; docs/performance.md)
         if threads or device == "cpu":
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-        self.verifier = load_verifier(verifier, dtype=parse_dtype(dtype), device=device, with_tokenizer=False)
+        self.dtype = resolve_dtype(dtype, verifier, device)  # `auto`: measured here, on the verifier's machine
+        self.verifier = load_verifier(verifier, dtype=parse_dtype(self.dtype), device=device, with_tokenizer=False)
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
         self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
         self._last_used: dict[str, float] = {}
@@ -39,7 +40,7 @@ class VerifierActor:
         cfg = self.verifier.model.config
         return {"name": self.verifier.name, "directory": str(self.verifier.directory), "max_len": self.runner.max_len,
                 "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "identity": self.verifier.identity,
-                "active_requests": self.runner.active_requests, "device": str(self.runner.device),
+                "active_requests": self.runner.active_requests, "device": str(self.runner.device), "dtype": self.dtype,
                 "torch_threads": torch.get_num_threads(),
                 "row_quantum": self.runner.pad_to, "ticks": self.scheduler.ticks,
                 "max_batch": self.scheduler.max_batch, "load": self.scheduler.load().to_dict()}

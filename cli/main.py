@@ -16,8 +16,10 @@ log = logging.getLogger("taps")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", default=None, help="HF Llama dir, .gguf file or hub id (default: shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="verifier dtype (float32: token-exact vs `none`; bf16 matmuls are not batch-invariant)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="verifier dtype. float32 (default): exact mode, token-identical to `none`. bfloat16: fast "
+                        "mode, each token still the verifier's argmax in its own forward, may differ from bf16 `none` "
+                        "at near-ties. auto: whichever this machine runs fastest, measured at start-up")
     p.add_argument("--drafter-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="drafter dtype (default: the verifier's); never affects the output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")

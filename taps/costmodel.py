@@ -86,3 +86,56 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
         times.append(clock() - t0)
     runner.release("cost")
     return sorted(times[1:])[len(times[1:]) // 2]
+
+
+@dataclass
+class DtypeChoice:
+    dtype: torch.dtype
+    seconds: dict[str, float]  # dtype name -> median seconds of the model's matmuls for one step
+    rows: int
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items())
+        return f"{str(self.dtype).removeprefix('torch.')} (one {self.rows}-row step's matmuls: {times})"
+
+
+@torch.inference_mode()
+def fastest_dtype(config, candidates=(torch.float32, torch.bfloat16), rows: int = 16, repeats: int = 5,
+                  margin: float = 1.1) -> DtypeChoice:
+    """Time the matmuls of one verification step of a model with this config (every layer's
+    projections and MLP, and the lm_head, over `rows` rows) in each candidate dtype, on this
+    machine's kernels, and return the fastest. A dtype other than the first candidate must win by
+    `margin`: on a CPU without native bf16 (AVX2 only) bf16 matmuls are emulated and lose.
+
+    Random weights of the real shapes: the cost of a matmul does not depend on its values."""
+    h, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]  # q k v o gate up down
+    gen = torch.Generator().manual_seed(0)
+    seconds = {}
+    for dt in candidates:
+        layer = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+        head = torch.randn(config.vocab_size, h, generator=gen).to(dt)
+        x, xi = torch.randn(rows, h, generator=gen).to(dt), torch.randn(rows, inter, generator=gen).to(dt)
+
+        def step():
+            for w in layer:
+                (xi if w.shape[1] == inter else x) @ w.T
+            return x @ head.T
+
+        step()  # warm-up (first-call kernel selection)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(config.num_hidden_layers):
+                for w in layer:
+                    (xi if w.shape[1] == inter else x) @ w.T
+            x @ head.T
+            times.append(time.perf_counter() - t0)
+        seconds[str(dt).removeprefix("torch.")] = sorted(times)[len(times) // 2]
+    best = candidates[0]
+    for dt in candidates[1:]:
+        if seconds[str(dt).removeprefix("torch.")] * margin < seconds[str(best).removeprefix("torch.")]:
+            best = dt
+    return DtypeChoice(best, seconds, rows)

@@ -35,8 +35,25 @@ def shipped_drafters(drafter_dir: Path | None = None) -> list[str]:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)} (or `auto`, resolved by resolve_dtype)")
     return DTYPES[name]
+
+
+def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -> str:
+    """A dtype name; `auto` becomes whichever this machine runs the verifier's matmuls fastest,
+    measured now (taps.costmodel.fastest_dtype, ~1 s): float32 unless bf16 wins by 10 %; on CUDA
+    bf16 where supported. `auto` is the fast numerics mode whenever it picks bf16 (CONTRACTS.md)."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    from taps.costmodel import fastest_dtype
+    from taps.models.loading import verifier_config
+
+    choice = fastest_dtype(verifier_config(verifier))
+    log.info("--dtype auto: %s", choice.describe())
+    return str(choice.dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -93,4 +110,4 @@ def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig,
 
 
 def load_default_verifier(spec: str | None, dtype: str = "float32", device: str = "cpu") -> Verifier:
-    return load_verifier(spec, dtype=parse_dtype(dtype), device=device)
+    return load_verifier(spec, dtype=parse_dtype(resolve_dtype(dtype, spec, device)), device=device)
