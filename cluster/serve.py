@@ -135,6 +135,8 @@ def main(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        _become_subreaper()
     rc = 0
     try:
         if local:
@@ -175,10 +177,15 @@ def _shutdown(local: bool, limit_s: float = 8.0) -> None:
     import ray
     from ray import serve
 
+    import psutil
+
     print("shutting down ...", file=sys.stderr, flush=True)
     timer = threading.Timer(limit_s, lambda: os._exit(130))
     timer.daemon = True
     timer.start()
+    # a local cluster's processes are ours: listed now, while Ray's agents are still our descendants
+    # (a start interrupted inside ray.init leaves its raylet's agents behind otherwise, for ~40 s)
+    ours = psutil.Process().children(recursive=True) if local else []
     try:
         if not ray.is_initialized():
             return
@@ -198,4 +205,46 @@ def _shutdown(local: bool, limit_s: float = 8.0) -> None:
                 pass
         ray.shutdown()  # a local cluster started here stops with its driver
     finally:
+        _stop_processes(ours, grace_s=2.0)
         timer.cancel()
+
+
+def _become_subreaper() -> None:
+    """Linux: processes orphaned below this one (Ray's agents when their raylet goes first) are
+    re-parented to it instead of init, so shutdown still finds and stops them."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            log.debug("no PR_SET_CHILD_SUBREAPER; orphans of an interrupted start may outlive it")
+
+
+def _stop_processes(procs, grace_s: float) -> None:
+    """SIGTERM these processes and every descendant still running (orphans included, see
+    _become_subreaper), then SIGKILL whatever outlives `grace_s`."""
+    import psutil
+
+    me = psutil.Process()
+    deadline = time.monotonic() + grace_s
+    alive = {p.pid: p for p in procs}
+    while True:
+        alive.update({p.pid: p for p in me.children(recursive=True)})
+        alive = {pid: p for pid, p in alive.items() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+        if not alive:
+            break
+        late = time.monotonic() > deadline
+        for p in alive.values():
+            try:
+                p.kill() if late else p.terminate()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(alive.values()), timeout=0.3)
+        if late:
+            break
+    for p in me.children():  # reap
+        try:
+            p.wait(0)
+        except (psutil.Error, psutil.TimeoutExpired):
+            pass
