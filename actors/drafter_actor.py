@@ -55,7 +55,8 @@ class DrafterActor:
             # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
             parts = load_verifier_parts(verifier, dtype=parse_dtype(resolve_dtype(dtype, verifier, device)), device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
-            drafter = build_drafter(spec, parts, dtype=parse_dtype(drafter_dtype) if drafter_dtype else None,
+            ddt = "auto" if drafter_dtype == "auto" else parse_dtype(drafter_dtype) if drafter_dtype else None
+            drafter = build_drafter(spec, parts, dtype=ddt,
                                     expected_sha256=expected_sha256)
             self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
             self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""

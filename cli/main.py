@@ -20,8 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="verifier dtype. float32 (default): exact mode, token-identical to `none`. bfloat16: fast "
                         "mode, each token still the verifier's argmax in its own forward, may differ from bf16 `none` "
                         "at near-ties. auto: whichever this machine runs fastest, measured at start-up")
-    p.add_argument("--drafter-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="drafter dtype (default: the verifier's); never affects the output")
+    p.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="drafter compute dtype; auto (default): the faster of float32 and bfloat16 for each drafter, "
+                        "timed at start-up; never affects the output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")
     p.add_argument("--tree-depth", type=int, default=5, help="draft tree depth")
     p.add_argument("--tree-top-k", type=int, default=4, help="children expanded per node")
@@ -66,7 +67,7 @@ def cmd_generate(args) -> int:
     tree = _tree(args)
     verifier = load_default_verifier(args.verifier, args.dtype)
     needed = [entries.get(name, name) for name in strategy.drafters]
-    ddt = parse_dtype(args.drafter_dtype) if args.drafter_dtype else None
+    ddt = "auto" if args.drafter_dtype == "auto" else parse_dtype(args.drafter_dtype) if args.drafter_dtype else None
     engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len, drafter_dtype=ddt)
     if getattr(args, "tree", "fixed") == "auto":
         from taps.adaptive import attach_auto_policies

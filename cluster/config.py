@@ -41,7 +41,9 @@ class TreeArgs(BaseModel):
 class AppConfig(BaseModel):
     verifier: str | None = None  # HF dir / .gguf / hub id; None = shipped SmolLM2-135M-Instruct
     dtype: str = "float32"  # verifier dtype
-    drafter_dtype: str | None = None  # drafter dtype (default: the verifier's)
+    # drafter compute dtype: auto (default) = the faster of float32 / bfloat16 for each drafter, timed
+    # where its actor runs; None = the verifier's. It never changes the output
+    drafter_dtype: str | None = "auto"
     drafters: list[DrafterEntry] = Field(default_factory=list)  # started with the application
     # registered, started by the first request that names them (or `taps drafters add`)
     lazy_drafters: list[DrafterEntry] = Field(default_factory=list)

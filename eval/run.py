@@ -197,7 +197,8 @@ def main(args) -> int:
             names.append(s.split(":", 1)[1])
     tree = TreeConfig(depth=args.tree_depth, top_k=args.tree_top_k, total_tokens=args.tree_tokens)
     verifier = load_default_verifier(args.verifier, args.dtype)
-    ddt = parse_dtype(args.drafter_dtype) if getattr(args, "drafter_dtype", None) else None
+    ddt = getattr(args, "drafter_dtype", None)
+    ddt = "auto" if ddt == "auto" else parse_dtype(ddt) if ddt else None
     engine, info = build_engine(verifier, needed, tree, args.drafter_dir, drafter_dtype=ddt)
     drafter_names = [e.split("=", 1)[0] for e in entries]
     if getattr(args, "tree", "fixed") == "auto":  # per-strategy tree sizes from a start-up cost model

@@ -79,10 +79,12 @@ def resolve_drafter(name: str, drafter_dir: Path | None = None, allow_random: bo
 
 
 def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: int = 0,
-                  dtype: torch.dtype | None = None, expected_sha256: str | None = None) -> EagleDrafter:
-    """The drafter of `spec` (random-init when it has no checkpoint) over `verifier`: the whole loaded
-    verifier (in-process engine) or only the parts a drafter reads (load_verifier_parts: drafter
-    actors); either gives the same drafter, bit for bit."""
+                  dtype: torch.dtype | str | None = None, expected_sha256: str | None = None) -> EagleDrafter:
+    """The drafter of `spec` over the verifier's embedding and lm_head (a full Verifier or only its
+    parts). `dtype`: the drafter's compute dtype (None: the verifier's; "auto": the faster of
+    float32 and bfloat16 for this drafter on this machine, measured now). It never changes the output."""
+    if dtype == "auto":
+        dtype = fastest_drafter_dtype(spec, verifier, seed=seed, expected_sha256=expected_sha256)
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)
@@ -90,8 +92,32 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
     return load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
 
 
+def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: int = 0,
+                          expected_sha256: str | None = None, candidates=(torch.float32, torch.bfloat16),
+                          margin: float = 1.1) -> torch.dtype:
+    """Time one draft call (a depth-5, 16-node tree after a 64-pair prefix) of this drafter in each
+    candidate dtype; float32 unless another wins by `margin`. Small ops dominate drafting, so the
+    answer differs between CPUs (bf16 was slower on an AMX Xeon, 3x faster on a Zen 4)."""
+    from taps.costmodel import measure_drafter
+
+    tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
+    hidden = verifier.model.config.hidden_size
+    seconds = {}
+    for dt in candidates:
+        d = build_drafter(spec, verifier, seed=seed, dtype=dt, expected_sha256=expected_sha256)
+        runner = DrafterRunner(d, max_len=256, name=spec.name)
+        seconds[dt] = min(measure_drafter(runner, hidden, tree, prefix=64, repeats=3) for _ in range(2))
+    best = candidates[0]
+    for dt in candidates[1:]:
+        if seconds[dt] * margin < seconds[best]:
+            best = dt
+    log.info("drafter %s dtype auto: %s (one draft call: %s)", spec.name, str(best).removeprefix("torch."),
+             ", ".join(f"{str(k).removeprefix('torch.')} {v * 1e3:.1f} ms" for k, v in seconds.items()))
+    return best
+
+
 def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig, drafter_dir: Path | None = None,
-                 max_len: int = 2048, allow_random: bool = True, drafter_dtype: torch.dtype | None = None
+                 max_len: int = 2048, allow_random: bool = True, drafter_dtype: torch.dtype | str | None = None
                  ) -> tuple[TapsEngine, dict[str, dict]]:
     """Engine + a description of every drafter (objective, trained, checkpoint)."""
     runners, info = {}, {}

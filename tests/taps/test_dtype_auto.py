@@ -36,3 +36,32 @@ def test_auto_resolves_to_a_real_dtype_for_a_saved_verifier(tmp_path):
 
     vdir = make_tiny_verifier_dir(tmp_path / "v", seed=0)
     assert resolve_dtype("auto", str(vdir)) in ("float32", "bfloat16")
+
+
+def test_drafter_dtype_auto_picks_a_timed_dtype_and_never_changes_the_output():
+    """A drafter built with dtype "auto" computes in float32 or bfloat16 (whichever drafted faster
+    here); the engine's output still equals plain decoding."""
+    from taps.compose import parse_strategy
+    from taps.config import SamplingConfig, TreeConfig
+    from taps.drafting import DrafterRunner
+    from taps.engine import TapsEngine
+    from taps.runtime import DrafterSpec, build_drafter, fastest_drafter_dtype
+    from taps.verify import VerifierRunner
+    from tests.support import greedy_reference, random_llama
+
+    model = random_llama(tiny_config(vocab_size=211, hidden=64, layers=2), seed=2, dtype=torch.float32, scale=8.0)
+
+    class V:  # the verifier parts build_drafter reads
+        name, identity = "tiny", None
+
+    v = V()
+    v.model = model
+    spec = DrafterSpec("math", None)
+    assert fastest_drafter_dtype(spec, v, margin=1e9) == torch.float32  # nothing wins by 1e9
+    d = build_drafter(spec, v, dtype="auto")
+    assert d.fc.weight.dtype in (torch.float32, torch.bfloat16)
+    eng = TapsEngine(VerifierRunner(model, max_len=256), {"math": DrafterRunner(d, max_len=256, name="math")},
+                     TreeConfig(depth=3, top_k=2, total_tokens=8), [])
+    prompt = [5, 9, 13, 77, 2, 40]
+    out = eng.generate(prompt, parse_strategy("single:math", []), SamplingConfig(), 16).token_ids
+    assert out == greedy_reference(model, prompt, 16)
