@@ -30,7 +30,7 @@ from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
-from taps.runtime import build_drafter, parse_dtype, resolve_drafter, resolve_dtype
+from taps.runtime import build_drafter, fastest_drafter_dtype, parse_dtype, resolve_drafter, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,16 @@ class DrafterActor:
             self.runner = PromptLookupRunner(name, hidden_size=verifier_config(verifier).hidden_size)
         else:
             # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
-            parts = load_verifier_parts(verifier, dtype=parse_dtype(resolve_dtype(dtype, verifier, device)), device=device)
+            parts_dtype = parse_dtype(resolve_dtype(dtype, verifier, device))
+            parts = load_verifier_parts(verifier, dtype=parts_dtype, device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
-            ddt = "auto" if drafter_dtype == "auto" else parse_dtype(drafter_dtype) if drafter_dtype else None
-            drafter = build_drafter(spec, parts, dtype=ddt,
-                                    expected_sha256=expected_sha256)
+            ddt = parse_dtype(drafter_dtype) if drafter_dtype and drafter_dtype != "auto" else None
+            if drafter_dtype == "auto":
+                ddt = fastest_drafter_dtype(spec, parts, expected_sha256=expected_sha256)
+            if ddt is not None and ddt != parts_dtype:  # read the parts in the drafter's dtype: no second copy
+                del parts
+                parts = load_verifier_parts(verifier, dtype=ddt, device=device)
+            drafter = build_drafter(spec, parts, expected_sha256=expected_sha256)
             self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
             self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
             self.runner = DrafterRunner(drafter, max_len=max_len + 512, name=name)

@@ -92,6 +92,18 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
     return load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap pages; malloc_trim returns them (a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: int = 0,
                           expected_sha256: str | None = None, candidates=(torch.float32, torch.bfloat16),
                           margin: float = 1.1) -> torch.dtype:
@@ -107,6 +119,8 @@ def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts,
         d = build_drafter(spec, verifier, seed=seed, dtype=dt, expected_sha256=expected_sha256)
         runner = DrafterRunner(d, max_len=256, name=spec.name)
         seconds[dt] = min(measure_drafter(runner, hidden, tree, prefix=64, repeats=3) for _ in range(2))
+        del d, runner
+    _release_freed_memory()  # the losing copy: back to the OS, not kept by the allocator
     best = candidates[0]
     for dt in candidates[1:]:
         if seconds[dt] * margin < seconds[best]:
