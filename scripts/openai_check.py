@@ -44,7 +44,7 @@ ok("list prompts x n=2", [x.index for x in r.choices] == [0, 1, 2, 3])
 try:
     c.chat.completions.create(model="gpt-4", messages=msgs, max_tokens=4); ok("404", False)
 except openai.NotFoundError as e:
-    ok(f"404 model_not_found", e.body["code"] == "model_not_found")
+    ok("404 model_not_found", e.body["code"] == "model_not_found")
 try:
     c.chat.completions.create(model=M, messages=msgs, max_tokens=4, frequency_penalty=1.0); ok("400 penalty", False)
 except openai.BadRequestError as e:
