@@ -30,7 +30,8 @@ from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
-from taps.runtime import build_drafter, fastest_drafter_dtype, parse_dtype, resolve_drafter, resolve_dtype
+from taps.runtime import (build_drafter, fastest_drafter_dtype, parse_drafter_dtype, parse_dtype, resolve_drafter,
+                          resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class DrafterActor:
             parts_dtype = parse_dtype(resolve_dtype(dtype, verifier, device))
             parts = load_verifier_parts(verifier, dtype=parts_dtype, device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
-            ddt = parse_dtype(drafter_dtype) if drafter_dtype and drafter_dtype != "auto" else None
-            if drafter_dtype == "auto":
+            ddt = parse_drafter_dtype(drafter_dtype)
+            if ddt == "auto":
                 ddt = fastest_drafter_dtype(spec, parts, expected_sha256=expected_sha256)
             if ddt is not None and ddt != parts_dtype:  # read the parts in the drafter's dtype: no second copy
                 del parts

@@ -55,7 +55,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from taps.compose import parse_strategy
-    from taps.runtime import build_engine, load_default_verifier, parse_dtype
+    from taps.runtime import build_engine, load_default_verifier, parse_drafter_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,8 +67,8 @@ def cmd_generate(args) -> int:
     tree = _tree(args)
     verifier = load_default_verifier(args.verifier, args.dtype)
     needed = [entries.get(name, name) for name in strategy.drafters]
-    ddt = "auto" if args.drafter_dtype == "auto" else parse_dtype(args.drafter_dtype) if args.drafter_dtype else None
-    engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len, drafter_dtype=ddt)
+    engine, info = build_engine(verifier, needed, tree, args.drafter_dir, max_len=args.max_len,
+                                drafter_dtype=parse_drafter_dtype(args.drafter_dtype))
     if getattr(args, "tree", "fixed") == "auto":
         from taps.adaptive import attach_auto_policies
 

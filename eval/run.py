@@ -175,7 +175,7 @@ def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafte
 def main(args) -> int:
     import torch
 
-    from taps.runtime import build_engine, load_default_verifier, parse_dtype
+    from taps.runtime import build_engine, load_default_verifier, parse_drafter_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,9 +197,8 @@ def main(args) -> int:
             names.append(s.split(":", 1)[1])
     tree = TreeConfig(depth=args.tree_depth, top_k=args.tree_top_k, total_tokens=args.tree_tokens)
     verifier = load_default_verifier(args.verifier, args.dtype)
-    ddt = getattr(args, "drafter_dtype", None)
-    ddt = "auto" if ddt == "auto" else parse_dtype(ddt) if ddt else None
-    engine, info = build_engine(verifier, needed, tree, args.drafter_dir, drafter_dtype=ddt)
+    engine, info = build_engine(verifier, needed, tree, args.drafter_dir,
+                                drafter_dtype=parse_drafter_dtype(getattr(args, "drafter_dtype", None)))
     drafter_names = [e.split("=", 1)[0] for e in entries]
     if getattr(args, "tree", "fixed") == "auto":  # per-strategy tree sizes from a start-up cost model
         from taps.adaptive import attach_auto_policies

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from taps.config import ConfigError, TreeConfig
+from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_drafter, pick_fastest
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
@@ -48,12 +49,16 @@ def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -
         return name
     if str(device).startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    from taps.costmodel import fastest_dtype
     from taps.models.loading import verifier_config
 
     choice = fastest_dtype(verifier_config(verifier))
     log.info("--dtype auto: %s", choice.describe())
-    return str(choice.dtype).removeprefix("torch.")
+    return dtype_name(choice.dtype)
+
+
+def parse_drafter_dtype(name: str | None) -> torch.dtype | str | None:
+    """A drafter dtype option: None (the verifier's), "auto" (timed by build_drafter) or a dtype."""
+    return name if name in (None, "auto") else parse_dtype(name)
 
 
 @dataclass
@@ -110,8 +115,6 @@ def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts,
     """Time one draft call (a depth-5, 16-node tree after a 64-pair prefix) of this drafter in each
     candidate dtype; float32 unless another wins by `margin`. Small ops dominate drafting, so the
     answer differs between CPUs (bf16 was slower on an AMX Xeon, 3x faster on a Zen 4)."""
-    from taps.costmodel import measure_drafter
-
     tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     hidden = verifier.model.config.hidden_size
     seconds = {}
@@ -121,12 +124,8 @@ def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts,
         seconds[dt] = min(measure_drafter(runner, hidden, tree, prefix=64, repeats=3) for _ in range(2))
         del d, runner
     _release_freed_memory()  # the losing copy: back to the OS, not kept by the allocator
-    best = candidates[0]
-    for dt in candidates[1:]:
-        if seconds[dt] * margin < seconds[best]:
-            best = dt
-    log.info("drafter %s dtype auto: %s (one draft call: %s)", spec.name, str(best).removeprefix("torch."),
-             ", ".join(f"{str(k).removeprefix('torch.')} {v * 1e3:.1f} ms" for k, v in seconds.items()))
+    best = pick_fastest(seconds, margin)
+    log.info("drafter %s dtype auto: %s (one draft call: %s)", spec.name, dtype_name(best), describe_times(seconds))
     return best
 
 
