@@ -13,7 +13,6 @@ item, so the front end can answer 4xx before any byte of a stream is sent; then 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from dataclasses import dataclass, field
 from actors.adapters import ActorVerifier, GrpcProposer
 from cluster.config import AppConfig
 from cluster.errors import (BadRequest, ContextLengthExceeded, QueueFull, UnknownDrafter, VerifierUnavailableError)
-from cluster.fleet import READY, ensure_registry_url, start_actor
-from cluster.openai_api import first_stop
+from cluster.fleet import READY, ensure_registry_url, start_actor, verifier_options
+from cluster.openai_api import IncrementalDetokenizer, StopMatcher
 from cluster.registry import Registry
 from cluster.router import ClientPool, pick_replica
 from taps.adaptive import TreePolicy, online_policy
@@ -64,26 +63,25 @@ class DecodeService:
     def __init__(self, config: dict, fleet=None):
         from transformers import AutoTokenizer
 
-        from actors.verifier_actor import VerifierActor, verifier_actor_options
-        from taps.models.loading import resolve_verifier
+        from actors.verifier_actor import VerifierActor
+        from taps.models.loading import eos_token_ids, resolve_verifier
 
         self.cfg = cfg = AppConfig.model_validate(config).resolved()
         self.fleet = fleet  # DrafterFleet handle: lazy drafter starts
         self.tree = TreeConfig(**cfg.tree.model_dump(exclude={"mode"}))
         self.policies: dict[tuple, TreePolicy] = {}
-        self.verifier_name, vdir = resolve_verifier(cfg.verifier)
+        _, vdir = resolve_verifier(cfg.verifier)
         self.tokenizer = AutoTokenizer.from_pretrained(str(vdir))
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, vdir))
         self.registry = Registry(ensure_registry_url(cfg))  # the fleet's (one named registry host)
         self.verifier, self.verifier_info = start_actor(
-            VerifierActor, "taps-verifier", verifier_actor_options(cfg.gpu, num_cpus=cfg.verifier_num_cpus),
+            VerifierActor, "taps-verifier", verifier_options(cfg),
             (cfg.verifier, cfg.dtype, cfg.max_len), "verifier actor taps-verifier", cfg.placement_timeout_s,
             cfg.start_timeout_s)
         self.verifier_proxy = ActorVerifier(self.verifier)  # shared: it carries the verifier's load to the policies
         self.pool = ClientPool()
         self._sem = asyncio.Semaphore(cfg.max_concurrent)
         self._waiting = 0
-        self._inflight: dict[str, int] = {}
 
     # ------------------------------------------------------------------ resolution
     def _drafters(self) -> tuple[dict[str, list[dict]], set[str]]:
@@ -115,17 +113,16 @@ class DecodeService:
         return strategy, ready
 
     def _stop_condition(self, stops: tuple[str, ...]):
-        """token ids -> whether their text holds a stop sequence (searching only the new tail)."""
+        """token ids -> whether their text holds a stop sequence: the front end's detokenizer and
+        stop matcher (cluster.openai_api), fed each step's new tokens, so both agree on the stop."""
         if not stops:
             return None
-        longest = max(len(s) for s in stops)
-        seen = {"chars": 0}
+        detok, matcher, fed = IncrementalDetokenizer(self.tokenizer), StopMatcher(list(stops)), [0]
 
         def hit(ids: list[int]) -> bool:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            start = max(0, seen["chars"] - longest)
-            seen["chars"] = len(text)
-            return first_stop(text, list(stops), start) is not None
+            matcher.push(detok.push(ids[fed[0]:]))
+            fed[0] = len(ids)
+            return matcher.hit
 
         return hit
 
@@ -165,8 +162,6 @@ class DecodeService:
             async with self._sem:
                 yield Started(strategy.name, list(strategy.drafters))
                 errors: dict[str, int] = {}
-                for n in links:
-                    self._inflight[n] = self._inflight.get(n, 0) + 1
 
                 def on_error(name, _e):
                     errors[name] = errors.get(name, 0) + 1
@@ -186,8 +181,6 @@ class DecodeService:
                     raise VerifierUnavailableError(f"verifier unavailable, retry: {e}") from e
                 finally:
                     await gen.aclose()
-                    for n in links:
-                        self._inflight[n] -= 1
         finally:
             self._waiting -= 1
 
@@ -199,16 +192,3 @@ class DecodeService:
         except Exception:  # noqa: BLE001 - reported as unhealthy
             return False
 
-    def info(self) -> dict:
-        return {"verifier": self.verifier_name, "vocab_size": self.verifier_info["vocab_size"],
-                "waiting": self._waiting, "inflight": dict(self._inflight)}
-
-
-def eos_token_ids(tok, vdir) -> list[int]:
-    """End-of-sequence ids of a verifier: its tokenizer's and its generation config's."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen = vdir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return sorted(ids)

@@ -66,6 +66,30 @@ def check_placement(plan: list[tuple[str, dict]], free: dict[str, float] | None 
     return None
 
 
+def verifier_options(cfg: AppConfig) -> dict:
+    from actors.verifier_actor import verifier_actor_options
+
+    return verifier_actor_options(cfg.gpu, num_cpus=cfg.verifier_num_cpus)
+
+
+def drafter_options(cfg: AppConfig, entry: DrafterEntry) -> dict:
+    from actors.drafter_actor import drafter_actor_options
+
+    return drafter_actor_options(entry.name, cfg.gpu, num_cpus=entry.num_cpus)
+
+
+def drafter_plan(cfg: AppConfig, entries: list[DrafterEntry]) -> list[tuple[str, str, dict]]:
+    """(actor name, what, Ray options) of every drafter actor the entries start."""
+    return [(f"taps-drafter-{e.name}-{i}", f"drafter actor taps-drafter-{e.name}-{i}", drafter_options(cfg, e))
+            for e in entries for i in range(e.replicas)]
+
+
+def placement_plan(cfg: AppConfig) -> list[tuple[str, dict]]:
+    """Every actor a config starts, as (what, Ray options), for a placement check before start-up."""
+    return ([("verifier actor taps-verifier", verifier_options(cfg))]
+            + [(what, opts) for _, what, opts in drafter_plan(cfg, cfg.drafters)])
+
+
 def start_actor(cls, name: str, opts: dict, args: tuple, what: str, placement_timeout_s: float,
                 start_timeout_s: float, get_if_exists: bool = True):
     """Create (or find) a detached named actor and wait until its `info()` answers.
@@ -134,8 +158,7 @@ class DrafterFleet:
         for entry in self.cfg.lazy_drafters:
             if self.registry.snapshot().get(entry.name, {}).get("status") != READY:
                 self._register(entry, AVAILABLE)
-        short = check_placement([(f"drafter actor taps-drafter-{e.name}-{i}", self._options(e))
-                                 for e in self.cfg.drafters for i in range(e.replicas)],
+        short = check_placement([(what, opts) for _, what, opts in drafter_plan(self.cfg, self.cfg.drafters)],
                                 free=ray.available_resources())
         if short:  # the whole set cannot fit now: wait for room, bounded, actor by actor below
             log.warning("%s; waiting up to %g s for room", short, self.cfg.placement_timeout_s)
@@ -143,11 +166,6 @@ class DrafterFleet:
             self._start(entry)
 
     # ------------------------------------------------------------------ lifecycle
-    def _options(self, entry: DrafterEntry) -> dict:
-        from actors.drafter_actor import drafter_actor_options
-
-        return drafter_actor_options(entry.name, self.cfg.gpu, num_cpus=entry.num_cpus)
-
     def _register(self, entry: DrafterEntry, status: str) -> str:
         from taps.models.drafter import read_drafter_config, sha256_dir
 
@@ -169,12 +187,12 @@ class DrafterFleet:
         sha = self._register(entry, STARTING)
         cfg, infos = self.cfg, []
         try:
-            for i in range(entry.replicas):
+            for name, what, opts in drafter_plan(cfg, [entry]):
                 _, info = start_actor(
-                    DrafterActor, f"taps-drafter-{entry.name}-{i}", self._options(entry),
+                    DrafterActor, name, opts,
                     (entry.name, entry.checkpoint, cfg.verifier, cfg.dtype, cfg.drafter_dtype,
                      RegistryHeartbeat(self.registry_url), cfg.grpc_host, cfg.max_len, cfg.threads, sha or None),
-                    f"drafter actor taps-drafter-{entry.name}-{i}", cfg.placement_timeout_s, cfg.start_timeout_s)
+                    what, cfg.placement_timeout_s, cfg.start_timeout_s)
                 infos.append(info)
         except ServingError:
             self.registry.set_status(entry.name, FAILED)

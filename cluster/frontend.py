@@ -41,13 +41,20 @@ def _is_loopback(request: Request) -> bool:
         return False
 
 
-def error_response(e: BaseException) -> JSONResponse:
-    """A typed error (also one re-raised by Ray around a cause) as the OpenAI error body."""
+def as_serving_error(e: BaseException) -> ServingError:
+    """The typed error behind `e` (Ray re-raises a replica's error around it as `cause`); anything
+    else becomes a 500 internal_error."""
     cause = e if isinstance(e, ServingError) else getattr(e, "cause", None)
-    if not isinstance(cause, ServingError):
-        log.exception("request failed", exc_info=e)
-        return error(500, f"generation failed: {type(e).__name__}: {e}", "server_error", code="internal_error")
-    return JSONResponse(cause.body(), status_code=cause.status, headers=cause.headers)
+    if isinstance(cause, ServingError):
+        return cause
+    log.exception("request failed", exc_info=e)
+    return ServingError(f"generation failed: {type(e).__name__}: {e}")
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    """Any error as the OpenAI error body with its status."""
+    err = as_serving_error(e)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _sse(obj) -> str:
@@ -206,11 +213,12 @@ class OpenAIFrontEnd:
         except BaseException as e:  # noqa: BLE001 - every stream goes, the error is answered
             for c in choices:
                 c.cancel()
-            if isinstance(getattr(e, "cause", e), ServingError) and getattr(e, "cause", e).status == 429:
-                self.metrics.rejected.inc()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            return error_response(e)
+            err = as_serving_error(e)
+            if err.status == 429:
+                self.metrics.rejected.inc()
+            return error_response(err)
         assert all(isinstance(s, Started) for s in starts)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         model = req.model or self.model_names[0]
@@ -253,11 +261,7 @@ class OpenAIFrontEnd:
                 self._observe(c)
                 queue.put_nowait(view.chunk(c, "", [], c.finish, first, final=True))
             except Exception as e:  # noqa: BLE001 - reported in the stream
-                cause = getattr(e, "cause", e)
-                body = (cause.body() if isinstance(cause, ServingError) else
-                        {"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
-                                   "param": None, "code": "internal_error"}})
-                queue.put_nowait(body)
+                queue.put_nowait(as_serving_error(e).body())
             finally:
                 queue.put_nowait(None)
 

@@ -94,17 +94,6 @@ def config_from_args(args) -> dict:
     return cfg
 
 
-def placement_plan(cfg) -> list[tuple[str, dict]]:
-    """Every actor a config starts, as (what, Ray options), for a placement check before start-up."""
-    from actors.drafter_actor import drafter_actor_options
-    from actors.verifier_actor import verifier_actor_options
-
-    plan = [("verifier actor taps-verifier", verifier_actor_options(cfg.gpu, num_cpus=cfg.verifier_num_cpus))]
-    plan += [(f"drafter actor taps-drafter-{e.name}-{i}", drafter_actor_options(e.name, cfg.gpu, num_cpus=e.num_cpus))
-             for e in cfg.drafters for i in range(e.replicas)]
-    return plan
-
-
 class _Interrupted(BaseException):
     """Raised in the main thread by SIGINT / SIGTERM, wherever start-up is."""
 
@@ -115,7 +104,7 @@ def main(args) -> int:
 
     from cluster.app import NAMESPACE, build_app
     from cluster.config import AppConfig
-    from cluster.fleet import check_placement
+    from cluster.fleet import check_placement, placement_plan
     from taps.lookup import is_lookup
 
     cfg = config_from_args(args)

@@ -188,15 +188,7 @@ class Verifier:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        ids = set()
-        tok = self.tokenizer
-        if tok is not None and getattr(tok, "eos_token_id", None) is not None:
-            ids.add(int(tok.eos_token_id))
-        gen = self.directory / "generation_config.json"
-        if gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        return sorted(ids)
+        return eos_token_ids(self.tokenizer, self.directory)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Apply the model's own chat template."""
@@ -205,6 +197,18 @@ class Verifier:
         if isinstance(out, dict) or hasattr(out, "input_ids"):
             out = out["input_ids"]
         return [int(t) for t in out]
+
+
+def eos_token_ids(tokenizer, directory: Path) -> list[int]:
+    """End-of-sequence ids of a verifier: its tokenizer's (when loaded) and its generation config's."""
+    ids = set()
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(directory) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(ids)
 
 
 def verifier_identity(name: str, model: Llama) -> dict:
