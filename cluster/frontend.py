@@ -349,6 +349,11 @@ def validation_error(errs: list[dict]) -> JSONResponse:
     return error(400, f"{loc or 'body'}: {msg}", param=loc or None, code="invalid_request")
 
 
+def taps_stats(finished: Finished) -> dict:
+    """The `taps` extension of a response: the stats object of CONTRACTS.md and the emitted token ids."""
+    return {**finished.stats.to_dict(), "token_ids": finished.token_ids}
+
+
 @dataclass
 class ResponseView:
     """The OpenAI response shapes of one request (chat or completion, streamed or not)."""
@@ -402,7 +407,7 @@ class ResponseView:
                       "finish_reason": finish}
             body = {**self._head("text_completion"), "choices": [choice]}
         if final and c.finished is not None:
-            body["taps"] = {**c.finished.stats.to_dict(), "token_ids": c.finished.token_ids}
+            body["taps"] = taps_stats(c.finished)
         return body
 
     def usage(self, choices: list[Choice], prompt_tokens: int) -> dict:
@@ -410,8 +415,13 @@ class ResponseView:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
     def usage_chunk(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        """The last chunk with stream_options.include_usage: usage, and (CONTRACTS.md: the last chunk
+        carries the stats) the first choice's `taps` stats, as in a non-streamed body."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": self.usage(choices, prompt_tokens)}
+        body = {**self._head(obj), "choices": [], "usage": self.usage(choices, prompt_tokens)}
+        if choices[0].finished is not None:
+            body["taps"] = taps_stats(choices[0].finished)
+        return body
 
     def body(self, choices: list[Choice], prompt_tokens: int) -> dict:
         out = []
@@ -423,11 +433,11 @@ class ResponseView:
             else:
                 out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish})
             if len(choices) > 1 and c.finished is not None:
-                out[-1]["taps"] = {**c.finished.stats.to_dict(), "token_ids": c.finished.token_ids}
+                out[-1]["taps"] = taps_stats(c.finished)
         first = choices[0].finished
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": out,
                 "usage": self.usage(choices, prompt_tokens),
-                "taps": {**first.stats.to_dict(), "token_ids": first.token_ids}}
+                "taps": taps_stats(first)}
 
 
 def make_fastapi_app() -> FastAPI:

@@ -251,6 +251,7 @@ def test_stream_options_include_usage_sends_a_final_usage_chunk(cluster):
                                                  stream=True, stream_options={"include_usage": True}))
     last = events[-1]
     assert last.choices == [] and last.usage.completion_tokens == 7
+    assert len(last.model_extra["taps"]["token_ids"]) == 7  # CONTRACTS.md: the last chunk carries the stats
     assert last.usage.prompt_tokens == len(cluster["verifier"].encode_chat(MESSAGES))
     assert all(ev.usage is None for ev in events[:-1])
 
