@@ -187,6 +187,9 @@ def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, 
     done = sum(1 for _ in open(partial)) if partial.exists() else 0  # conversations already regenerated
     fn = make_generate_fn(verifier, max_new_tokens, batch_size, temperature, seed, dtype, backend=backend)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import time
+
+    t0 = time.perf_counter()
     for start in range(done, len(convs), chunk):
         part = regenerate(convs[start:start + chunk], fn)
         part += [{"id": None, "skipped": True}] * (min(chunk, len(convs) - start) - len(part))  # keep the count
@@ -195,7 +198,9 @@ def distill_file(inp: str | Path, out: str | Path, verifier: str | None = None, 
                 fh.write(json.dumps(c, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        log.info("distilled %d / %d conversations", min(start + chunk, len(convs)), len(convs))
+        n = min(start + chunk, len(convs))
+        log.info("distilled %d / %d conversations (%.2f conversations/s in this process)", n, len(convs),
+                 (n - done) / (time.perf_counter() - t0))
     rows = [json.loads(line) for line in open(partial)]
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -221,6 +226,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="regenerate at most this many conversations")
     ap.add_argument("--offset", type=int, default=0,
                     help="skip this many conversations first (more data for a drafter, in a second file)")
+    ap.add_argument("--chunk", type=int, default=64,
+                    help="conversations generated (and appended to OUTPUT.partial) at a time; a kill loses at most one")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", choices=("taps", "hf"), default="taps",
@@ -239,7 +246,7 @@ def cli(argv: list[str] | None = None) -> int:
             write_conversations(inp, fallback_conversations(args.fallback_domain, args.fallback_n, args.seed))
     out = distill_file(inp, args.output, args.verifier, args.max_new_tokens, args.batch_size,
                        args.temperature, args.seed, args.limit, args.dtype, backend=args.backend,
-                       offset=args.offset)
+                       offset=args.offset, chunk=args.chunk)
     print(out)
     return 0
 
