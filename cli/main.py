@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable; default 0")
     e.add_argument("--limit", type=int, default=None, help="prompts per file")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch", type=int, default=1,
+                   help="prompts of a set decoded concurrently (batched verification); tokens/s is then the "
+                        "aggregate of the group, acceptance is unchanged (default 1: single-stream)")
     e.add_argument("--out", required=True)
     _add_tree_mode_arg(e)
     _add_model_args(e)

@@ -63,7 +63,8 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
         "matching variant (Llama-3-8B-Instruct, EAGLE-2 rows; HASS rows for HASS drafters): MT-Bench for "
         "`mtbench`, GSM8K for `gsm_symbolic`, MATH-500 for `mathematics`, SVAMP for `svamp_like`; mixed "
         "= the paper's Mixed 35k+35k. `average (paper sets)` averages our four stand-in sets. Bold: best per "
-        "column.\n")
+        "column. In brackets: the 95% confidence interval over prompts (percentile bootstrap of the pooled "
+        "ratio, eval/ci.py; for the average, each set's prompts resampled on their own).\n")
     for t in temps:
         add(f"### EAGLE-2 drafters, temperature {t:g}\n")
         add(acceptance_table(rows, t, "EAGLE-2") + "\n")
@@ -102,8 +103,10 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
 
     # findings
     add("## What agrees with the paper and what does not\n")
-    add("Each line is computed from the numbers above when this page is generated (with n prompts per set the "
-        "small differences are within noise).\n")
+    add("Each line is computed from the numbers above when this page is generated. A comparison of two "
+        "strategies is the paired difference over the same prompts (mean over the paper's four sets unless a set "
+        "is named) with its 95% bootstrap interval: **agrees** / **does not agree** only when the whole interval "
+        "is on one side of 0, **within noise** when it holds 0.\n")
     for f in findings(rows, (results.get("sweep") or {}).get("sweep"), "EAGLE-2"):
         add(f"- {f}")
     for f in (findings(hrows, None, "HASS") if hrows else []):
@@ -168,6 +171,11 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
         "run, prompts interleaved across strategies. `tree tokens / step` is the number of draft nodes the "
         "verifier checks per step: the cost of merging (two 16-node trees verify ~30 nodes). The paper's EAGLE-2 "
         "speedups at T=0 (GPU, 8B verifier) are 1.4x-3.0x.\n")
+    if (env.get("batch") or 1) > 1:
+        add(f"**These acceptance stages ran {env['batch']} prompts of a set at a time** (`--batch "
+            f"{env['batch']}`, verifier forwards batched across them): tokens/s here is that group's aggregate "
+            "throughput, not single-stream speed; the single-stream race is the peers table below and "
+            "docs/performance.md.\n")
     for t in temps:
         add(f"Temperature {t:g}:\n")
         add(speed_table(rows, t) + "\n")

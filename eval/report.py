@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=1,
                     help="prompts per set (default 1: the whole report in about 40 min on 2 idle cores)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="prompts of a set decoded concurrently in the acceptance stages (batched verification; "
+                         "acceptance and tokens as with 1, tokens/s is the group's aggregate); the peers stage "
+                         "stays single-stream")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generation (default 64; quick: 16)")
     ap.add_argument("--out-dir", default=None, help="where results.md and results/ go (default docs; quick: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per set, 16 tokens, T=0 only")
@@ -125,7 +129,7 @@ class Runner:
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                 "tree": {"depth": self.tree.depth, "top_k": self.tree.top_k, "total_tokens": self.tree.total_tokens},
-                "max_new_tokens": self.args.max_new_tokens, "limit": self.args.limit,
+                "max_new_tokens": self.args.max_new_tokens, "limit": self.args.limit, "batch": self.args.batch,
                 "drafters": {n: {k: d.get(k) for k in ("objective", "trained", "checkpoint", "draft_vocab_size")}
                              for n, d in info.items()}}
 
@@ -134,7 +138,7 @@ class Runner:
 
         engine, info = self.engine(entries)
         rows = run_eval(engine, self.verifier, self.prompts(datasets), list(strategies), list(composed), temps,
-                        self.args.max_new_tokens, record_entropy=entropy)
+                        self.args.max_new_tokens, record_entropy=entropy, batch=self.args.batch)
         return {"env": self.env(info), "drafters": list(composed), "rows": rows}
 
     def average(self, inputs: list[Path], out: Path, sweep: tuple[float, ...] | None = None) -> None:

@@ -11,6 +11,8 @@ import re
 from statistics import mean
 
 from eval import paper
+from eval.ci import mean_ratio_ci, paired_mean_diff_ci, row_per_prompt
+from eval.ci import verdict as side
 
 STATIC_BEGIN = "<!-- static:begin (hand-written; eval/report.py keeps this block as is) -->"
 STATIC_END = "<!-- static:end -->"
@@ -57,6 +59,51 @@ def _temps(rows: list[dict]) -> list[float]:
     return sorted({r["temperature"] for r in rows})
 
 
+def _per_prompt(rows, ds, strat, temp):
+    r = _row(rows, ds, strat, temp)
+    return row_per_prompt(r) if r else None
+
+
+def tau_ci(rows, ds, strat, temp) -> tuple[float, float] | None:
+    r = _row(rows, ds, strat, temp)
+    ci = (r or {}).get("acceptance_ci")
+    return tuple(ci) if ci else None
+
+
+def avg_ci(rows, strat, temp, datasets=None) -> tuple[float, float, float] | None:
+    """(mean over the paper's sets, lo, hi) of a strategy's acceptance length, or None without per-prompt data."""
+    present = [d for d in (datasets or paper.BENCHMARKS) if _row(rows, d, strat, temp) is not None]
+    sets = [_per_prompt(rows, d, strat, temp) for d in present]
+    return mean_ratio_ci(sets) if sets and None not in sets else None
+
+
+def compare(rows, a: str, b: str, temp: float, datasets) -> tuple[float, float, float] | None:
+    """(mean over `datasets` of tau(a) - tau(b), lo, hi), paired over the same prompts; None when a row or its
+    per-prompt values are missing (result files written before intervals existed)."""
+    pa = [_per_prompt(rows, d, a, temp) for d in datasets]
+    pb = [_per_prompt(rows, d, b, temp) for d in datasets]
+    if not datasets or any(x is None for x in pa + pb) or any(len(x[0]) != len(y[0]) for x, y in zip(pa, pb)):
+        return None
+    return paired_mean_diff_ci(pa, pb)
+
+
+def claim(cmp, want: str = "higher", plain: bool | None = None) -> str:
+    """'agrees' when the paired interval is on the side the paper's claim wants, 'does not agree' when it is on
+    the other side, 'within noise' when it holds 0. Without an interval: plain (a bare comparison), marked."""
+    if cmp is None:
+        return ("agrees" if plain else "does not agree") + " (no interval)"
+    v = side(*cmp)
+    return "within noise" if v == "within noise" else ("agrees" if v == want else "does not agree")
+
+
+def diff_text(cmp) -> str:
+    if cmp is None:
+        return ""
+    if cmp[1] == float("-inf"):
+        return f"difference {cmp[0]:+.2f}, one prompt: no interval"
+    return f"difference {cmp[0]:+.2f} [{cmp[1]:+.2f}, {cmp[2]:+.2f}]"
+
+
 def paper_avg(rows, strat, temp) -> float | None:
     """Mean acceptance length over the datasets that stand in for the paper's four benchmarks."""
     vals = [_tau(rows, d, strat, temp) for d in paper.BENCHMARKS]
@@ -86,11 +133,16 @@ def acceptance_table(rows: list[dict], temp: float, method: str, label_of=None) 
             txt = _f(v)
             if v is not None and v == best[d] and len(strats) > 1:
                 txt = f"**{txt}**"
+            ci = tau_ci(rows, d, s, temp)
+            if ci is not None and ci[0] == ci[0] and ci[0] != ci[1]:
+                txt += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
             p = paper.table1(method, temp, key, d)
             cells.append(txt + (f" ({p:.2f})" if p is not None else ""))
         if has_avg:
             p = paper.table1(method, temp, key, "average")
-            cells.append(_f(paper_avg(rows, s, temp)) + (f" ({p:.2f})" if p is not None else ""))
+            a = avg_ci(rows, s, temp)
+            txt = _f(paper_avg(rows, s, temp)) + (f" [{a[1]:.2f}, {a[2]:.2f}]" if a and a[1] == a[1] and a[1] != a[2] else "")
+            cells.append(txt + (f" ({p:.2f})" if p is not None else ""))
         label = (label_of or (lambda x: LABELS.get(x, x)))(s)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -236,58 +288,74 @@ def findings(rows: list[dict], sweep: list[dict] | None = None, method: str = "E
     out = []
     for temp in _temps(rows):
         t = f"T={temp:g}"
-        # RQ1: specialization
-        hits, total, parts = 0, 0, []
+        # RQ1: specialization, per dataset: the matched specialist minus the other one, paired over prompts
+        counts = {"agrees": 0, "does not agree": 0, "within noise": 0}
+        parts = []
         for d in _datasets(rows):
             m, c = _tau(rows, d, "single:math", temp), _tau(rows, d, "single:chat", temp)
             if m is None or c is None or d not in paper.BENCHMARKS:
                 continue
             want_math = d in paper.MATH_SETS
-            ok = (m > c) if want_math else (c > m)
-            hits += ok
-            total += 1
-            parts.append(f"{d} math {m:.2f} vs chat {c:.2f}")
-        if total:
-            verdict = "agrees" if hits == total else ("partly agrees" if hits else "does not agree")
-            out.append(f"**Specialization ({t}) {verdict}**: the matched specialist wins on {hits} of {total} "
-                       f"datasets ({'; '.join(parts)}). Paper: math wins GSM8K/MATH-500, chat wins MT-Bench, "
-                       f"SVAMP is mixed.")
+            cmp = compare(rows, "single:math", "single:chat", temp, [d])
+            word = claim(cmp, "higher" if want_math else "lower", (m > c) if want_math else (c > m))
+            counts[word.split(" (")[0]] = counts.get(word.split(" (")[0], 0) + 1
+            parts.append(f"{d} math {m:.2f} vs chat {c:.2f}: {word}" + (f", {diff_text(cmp)}" if cmp else ""))
+        if parts:
+            n = len(parts)
+            verdict_s = ("agrees" if counts["agrees"] == n else "does not agree" if counts["does not agree"] == n
+                         else "within noise" if counts["within noise"] == n else "partly agrees")
+            out.append(f"**Specialization ({t}) {verdict_s}**: the matched specialist wins beyond the interval on "
+                       f"{counts['agrees']} of {n} datasets, loses beyond it on {counts['does not agree']}, "
+                       f"{counts['within noise']} within noise ({'; '.join(parts)}). Paper: math wins GSM8K/MATH-500, "
+                       f"chat wins MT-Bench, SVAMP is mixed.")
         avg = {s: paper_avg(rows, s, temp) for s in _strategies(rows) if s != "none"}
         avg = {s: v for s, v in avg.items() if v is not None}
+        sets = [d for d in paper.BENCHMARKS if _row(rows, d, "none", temp) is not None]
+
+        def vs(a, b):
+            return compare(rows, a, b, temp, sets)
+
         # RQ2: mixed
         if {"single:mixed", "single:math", "single:chat"} <= set(avg):
-            mx, lo, hi = avg["single:mixed"], min(avg["single:math"], avg["single:chat"]), \
-                max(avg["single:math"], avg["single:chat"])
-            where = "above both specialists" if mx > hi else ("between the specialists" if mx >= lo
-                                                                else "below both specialists")
+            parts = []
+            for other in ("single:math", "single:chat"):
+                cmp = vs("single:mixed", other)
+                v = side(*cmp) if cmp else ("higher" if avg["single:mixed"] > avg[other] else "lower")
+                parts.append(f"{v} than {other.split(':')[1]} {avg[other]:.2f}" + (f" ({diff_text(cmp)})" if cmp else ""))
             p = paper.table1(method, temp, "single:mixed", "average")
-            out.append(f"**Mixed training ({t})**: mixed averages {mx:.2f}, {where} (math {avg['single:math']:.2f}, "
-                       f"chat {avg['single:chat']:.2f}); paper {method} mixed 35k+35k: "
-                       f"{_f(p)} vs {_f(paper.table1(method, temp, 'single:math', 'average'))} / "
+            out.append(f"**Mixed training ({t})**: mixed averages {avg['single:mixed']:.2f}: " + "; ".join(parts)
+                       + f". Paper {method} mixed 35k+35k: {_f(p)} vs "
+                       f"{_f(paper.table1(method, temp, 'single:math', 'average'))} / "
                        f"{_f(paper.table1(method, temp, 'single:chat', 'average'))}.")
         # RQ3: averaging is weakest
         if "single:averaged" in avg and {"single:math", "single:chat"} <= set(avg):
-            a = avg["single:averaged"]
-            below = a < min(avg["single:math"], avg["single:chat"])
-            lowest = a <= min(avg.values())
-            verdict = "agrees" if below and lowest else ("partly agrees" if below else "does not agree")
-            out.append(f"**Weight averaging is weakest ({t}) {verdict}**: averaged {a:.2f} vs parents "
-                       f"{avg['single:math']:.2f} / {avg['single:chat']:.2f}"
-                       f"{'; the lowest of all strategies' if lowest else ''}.")
+            weaker = min(("single:math", "single:chat"), key=avg.get)
+            cmp = vs("single:averaged", weaker)
+            word = claim(cmp, "lower", avg["single:averaged"] < avg[weaker])
+            out.append(f"**Weight averaging is weakest ({t}) {word}**: averaged {avg['single:averaged']:.2f} vs the "
+                       f"weaker parent {weaker} {avg[weaker]:.2f}" + (f", {diff_text(cmp)}" if cmp else "")
+                       + f" (parents {avg['single:math']:.2f} / {avg['single:chat']:.2f}).")
         # RQ3: confidence over single; merged strongest composition
         singles = {s: v for s, v in avg.items() if s.startswith("single:") and s != "single:averaged"}
         if "confidence" in avg and singles:
             bs = max(singles, key=singles.get)
-            ok = avg["confidence"] > singles[bs]
+            cmp = vs("confidence", bs)
             out.append(f"**Confidence routing beats the best single drafter ({t}) "
-                       f"{'agrees' if ok else 'does not agree'}**: {avg['confidence']:.2f} vs {bs} {singles[bs]:.2f} "
-                       f"(paper {method}: {_f(paper.table1(method, temp, 'confidence', 'average'))} vs "
+                       f"{claim(cmp, 'higher', avg['confidence'] > singles[bs])}**: {avg['confidence']:.2f} vs {bs} "
+                       f"{singles[bs]:.2f}" + (f", {diff_text(cmp)}" if cmp else "")
+                       + f" (paper {method}: {_f(paper.table1(method, temp, 'confidence', 'average'))} vs "
                        f"{_f(paper.table1(method, temp, 'single:math', 'average'))}).")
         comps = {s: avg[s] for s in ("confidence", "entropy", "single:averaged") if s in avg}
         if "merged" in avg and comps:
-            ok = all(avg["merged"] >= v for v in comps.values())
-            out.append(f"**Merged trees are the strongest composition ({t}) {'agrees' if ok else 'does not agree'}**: "
-                       f"merged {avg['merged']:.2f} vs " + ", ".join(f"{k} {v:.2f}" for k, v in comps.items())
+            words, parts = [], []
+            for k, v in comps.items():
+                cmp = vs("merged", k)
+                words.append(claim(cmp, "higher", avg["merged"] >= v))
+                parts.append(f"{k} {v:.2f}" + (f" ({diff_text(cmp)})" if cmp else ""))
+            word = ("agrees" if all(w.startswith("agrees") for w in words) else
+                    "does not agree" if any(w.startswith("does not") for w in words) else "within noise")
+            out.append(f"**Merged trees are the strongest composition ({t}) {word}**: merged {avg['merged']:.2f} vs "
+                       + ", ".join(parts)
                        + (f"; best single {max(singles, key=singles.get)} {max(singles.values()):.2f}"
                           if singles else "") + ".")
         # RQ4: confidence vs entropy as routing signals
@@ -299,11 +367,14 @@ def findings(rows: list[dict], sweep: list[dict] | None = None, method: str = "E
                 ms, cs = [x for x in ms if x is not None], [x for x in cs if x is not None]
                 spread[s] = mean(ms) - mean(cs) if ms and cs else None
             if None not in spread.values():
-                ok = spread["confidence"] > spread["entropy"] and avg["confidence"] >= avg["entropy"]
-                out.append(f"**Confidence is the better routing signal ({t}) {'agrees' if ok else 'does not agree'}**: "
+                cmp = vs("confidence", "entropy")
+                word = "does not agree" if spread["confidence"] <= spread["entropy"] else \
+                    claim(cmp, "higher", avg["confidence"] >= avg["entropy"])
+                out.append(f"**Confidence is the better routing signal ({t}) {word}**: "
                            f"math share on math sets minus on MT-Bench is {spread['confidence']:.0f} points for "
                            f"confidence and {spread['entropy']:.0f} for entropy (paper: 75 vs 5); acceptance "
-                           f"{avg['confidence']:.2f} vs {avg['entropy']:.2f}.")
+                           f"{avg['confidence']:.2f} vs {avg['entropy']:.2f}" + (f", {diff_text(cmp)}" if cmp else "")
+                           + ".")
         # RQ4: entropy of rejected > accepted
         cells = [(r["draft_entropy"]["accepted"]["mean"], r["draft_entropy"]["rejected"]["mean"])
                  for r in rows if r["temperature"] == temp and r.get("draft_entropy")

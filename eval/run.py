@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -107,47 +108,73 @@ class _Acc:
 
 def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafter_names: list[str],
              temperatures: list[float], max_new_tokens: int, seed: int = 0, progress: bool = True,
-             record_entropy: bool = False) -> list[dict]:
+             record_entropy: bool = False, batch: int = 1) -> list[dict]:
     """Rows per CONTRACTS.md; with record_entropy, rows of drafting strategies also carry `draft_entropy`
-    (histograms of draft entropy of accepted vs rejected tree nodes)."""
+    (histograms of draft entropy of accepted vs rejected tree nodes).
+
+    Every row also keeps `per_prompt` ([emitted tokens, verifier steps] of each prompt, all turns) and
+    `acceptance_ci` (95% percentile-bootstrap interval over prompts, eval.ci).
+
+    batch 1 (default): one prompt at a time, interleaved across strategies; tokens/s is single-stream
+    decode time. batch B > 1: B prompts of a set decode concurrently under one strategy (their
+    verifier forwards batched, `TapsEngine.generate_many`; a multi-turn prompt's second turn starts
+    after every first turn of its group); acceptance and tokens are what B = 1 gives (greedy output is
+    lossless either way), tokens/s is the group's aggregate (`"batch": B` in the row)."""
     from tqdm import tqdm
 
+    from eval.ci import ratio_ci
     from taps.compose import parse_strategy
 
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
     parsed = [parse_strategy(s, drafter_names, available=list(engine.drafters)) for s in strategies]
     total = sum(len(p) for p in prompt_sets) * len(parsed) * len(temperatures)
     bar = tqdm(total=total, desc="taps eval", unit="gen", disable=not progress)
     acc: dict[tuple, _Acc] = defaultdict(_Acc)
+    per_prompt: dict[tuple, list[list[int]]] = defaultdict(list)
     order = []
     engine.record_nodes = record_entropy
     for temp in temperatures:
         for rows in prompt_sets:
-            for k, row in enumerate(rows):
-                ref_tokens = None
-                for strat in parsed:  # interleaved: one prompt under every strategy
-                    messages, all_tokens, seconds = [], [], 0.0
-                    for turn_i, turn in enumerate(row["turns"]):
-                        messages.append({"role": "user", "content": turn})
-                        ids = verifier.encode_chat(messages)
-                        sampling = SamplingConfig(temperature=temp, seed=seed + 1000 * k + turn_i)
-                        res = engine.generate(ids, strat, sampling, max_new_tokens)
-                        seconds += res.stats.total_s
-                        all_tokens.append(res.token_ids)
-                        messages.append({"role": "assistant",
-                                         "content": verifier.tokenizer.decode(res.token_ids, skip_special_tokens=True)})
-                        key = (row["dataset"], strat.name, temp)
-                        acc[key].add(res.stats, len(res.token_ids), 0.0)
-                    key = (row["dataset"], strat.name, temp)
+            for g0 in range(0, len(rows), batch):
+                group = list(enumerate(rows))[g0:g0 + batch]
+                ref_tokens: dict[int, list] = {}
+                for strat in parsed:  # interleaved: one group of prompts under every strategy
+                    key = (group[0][1]["dataset"], strat.name, temp)
                     if key not in order:
                         order.append(key)
                     a = acc[key]
-                    a.prompts += 1
-                    a.seconds += seconds
-                    if strat.kind == "none":
-                        ref_tokens = all_tokens
-                    elif temp == 0.0 and ref_tokens is not None and all_tokens != ref_tokens:
-                        a.mismatches += 1
-                    bar.update(1)
+                    msgs = {k: [] for k, _ in group}
+                    tokens = {k: [] for k, _ in group}
+                    counts = {k: [0, 0] for k, _ in group}
+                    for turn_i in range(max(len(row["turns"]) for _, row in group)):
+                        live = [(k, row) for k, row in group if turn_i < len(row["turns"])]
+                        reqs = []
+                        for k, row in live:
+                            msgs[k].append({"role": "user", "content": row["turns"][turn_i]})
+                            reqs.append((verifier.encode_chat(msgs[k]), strat,
+                                         SamplingConfig(temperature=temp, seed=seed + 1000 * k + turn_i),
+                                         max_new_tokens))
+                        t0 = time.perf_counter()
+                        results = engine.generate_many(reqs)
+                        wall = time.perf_counter() - t0
+                        for (k, row), res in zip(live, results):
+                            tokens[k].append(res.token_ids)
+                            counts[k][0] += res.stats.step_tokens
+                            counts[k][1] += res.stats.steps
+                            msgs[k].append({"role": "assistant", "content": verifier.tokenizer.decode(
+                                res.token_ids, skip_special_tokens=True)})
+                            a.add(res.stats, len(res.token_ids), res.stats.total_s if batch == 1 else 0.0)
+                        if batch > 1:
+                            a.seconds += wall
+                    for k, _ in group:
+                        a.prompts += 1
+                        per_prompt[key].append(counts[k])
+                        if strat.kind == "none":
+                            ref_tokens[k] = tokens[k]
+                        elif temp == 0.0 and k in ref_tokens and tokens[k] != ref_tokens[k]:
+                            a.mismatches += 1
+                        bar.update(1)
     bar.close()
     engine.record_nodes = False
     rows_out = []
@@ -158,15 +185,19 @@ def run_eval(engine, verifier, prompt_sets: list[list[dict]], strategies, drafte
         tps = a.tokens / a.seconds if a.seconds else 0.0
         base_tps = base.tokens / base.seconds if base.seconds else 0.0
         strat = next(s for s in parsed if s.name == name)
+        pp = per_prompt[key]
+        lo, hi = ratio_ci([p[0] for p in pp], [max(p[1], 1) for p in pp]) if a.steps else (0.0, 0.0)
         rows_out.append({
             "dataset": dataset, "strategy": name, "drafters": list(strat.drafters), "temperature": temp,
             "n_prompts": a.prompts, "acceptance_length": round(a.step_tokens / a.steps, 4) if a.steps else 0.0,
+            "acceptance_ci": [round(lo, 4), round(hi, 4)] if lo == lo else None,  # None: one prompt
             "tokens_per_s": round(tps, 3), "speedup_vs_none": round(tps / base_tps, 4) if base_tps else None,
             "selected": dict(a.selected), "accepted_by_depth": a.by_depth,
             "lossless_mismatches": a.mismatches if temp == 0.0 else None,
             "n_tokens": a.tokens, "steps": a.steps,
             "draft_tokens_per_step": round(a.draft_tokens / a.steps, 3) if a.steps else 0.0,
-            "draft_s": round(a.draft_s, 3), "verify_s": round(a.verify_s, 3), "total_s": round(a.seconds, 3)})
+            "draft_s": round(a.draft_s, 3), "verify_s": round(a.verify_s, 3), "total_s": round(a.seconds, 3),
+            "batch": batch, "per_prompt": pp})
         if a.entropy is not None and strat.kind != "none":
             rows_out[-1]["draft_entropy"] = a.entropy.to_dict()
     return rows_out
@@ -207,7 +238,7 @@ def main(args) -> int:
         attach_auto_policies(engine, verifier.model, [parse_strategy(s, drafter_names, available=list(engine.drafters))
                                                       for s in strategies])
     rows = run_eval(engine, verifier, prompt_sets, strategies, drafter_names, temperatures, args.max_new_tokens,
-                    seed=args.seed)
+                    seed=args.seed, batch=getattr(args, "batch", 1))
     env = {"verifier": verifier.name, "dtype": args.dtype, "device": "cpu", "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "tree": {"depth": tree.depth, "top_k": tree.top_k, "total_tokens": tree.total_tokens},
@@ -218,7 +249,9 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     for r in rows:
-        print(f"{r['dataset']:14s} T={r['temperature']:<3} {r['strategy']:14s} tau {r['acceptance_length']:5.2f}  "
+        ci = "[{:.2f}, {:.2f}]".format(*r["acceptance_ci"]) if r["acceptance_ci"] else "(1 prompt)"
+        print(f"{r['dataset']:14s} T={r['temperature']:<3} {r['strategy']:14s} tau {r['acceptance_length']:5.2f} "
+              f"{ci}  "
               f"{r['tokens_per_s']:7.2f} tok/s  x{r['speedup_vs_none'] or 0:5.2f}  mismatches {r['lossless_mismatches']}")
     bad = sum(r["lossless_mismatches"] or 0 for r in rows)
     return 1 if bad else 0
