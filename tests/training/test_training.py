@@ -472,3 +472,30 @@ def test_train_drafter_on_ray_train_two_workers(tmp_path):
     assert cfg["training"]["workers"] == 2 and cfg["training"]["steps"] == 6
     assert list((root / "runs" / "tiny" / "checkpoints" / "tiny").glob("checkpoint_*"))
     del ray
+
+
+@pytest.mark.slow
+def test_snapshots_make_a_learning_curve(tmp_path):
+    """snapshot_every_s exports the drafter during training; training.curve evaluates every snapshot and a
+    compared drafter on the dev slice and draws the curve."""
+    from training.curve import cli as curve_cli, snapshots
+
+    root = _workspace(tmp_path)
+    _train(root, "--set", "snapshot_every_s=0.001", "--set", "max_steps=4", "--set", "compute_dtype=auto")
+    snaps = snapshots(root / "runs" / "tiny" / "checkpoints" / "tiny" / "snapshots")
+    assert 2 <= len(snaps) <= 4 and [s[3] for s in snaps] == sorted({s[3] for s in snaps})
+    assert all(b[2] >= a[2] for a, b in zip(snaps, snaps[1:]))  # whole seconds of training
+    out = tmp_path / "curve.json"
+    rc = curve_cli(["--snapshots", str(snaps[0][1].parent), "--compare", f"final={root / 'runs/tiny/drafter'}",
+                    "--domain", "math", "--per-set", "1", "--max-new-tokens", "4", "--batch", "3", "--threads", "1",
+                    "--verifier", str(root / "runs" / "tiny" / "verifier"), "--out", str(out),
+                    "--plot", str(tmp_path / "curve.png")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [p["kind"] for p in res["points"]] == ["snapshot"] * len(snaps) + ["compare"]
+    assert len({p["name"] for p in res["points"]}) == len(res["points"])
+    card = json.loads((root / "runs" / "tiny" / "drafter" / "drafter.json").read_text())
+    assert card["training"]["compute_dtype"] in ("float32", "bfloat16")  # measured at start-up
+    assert all(p["acceptance_length"] >= 1.0 and set(p["by_set"]) == {"gsm_symbolic", "mathematics", "svamp_like"}
+               for p in res["points"])
+    assert (tmp_path / "curve.png").stat().st_size > 1000
