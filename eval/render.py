@@ -33,6 +33,21 @@ def _fig(name: str, path: Path | None) -> str:
     return f"![{name}](results/{path.name})" if path else ""
 
 
+def _n_text(results: dict, meta: dict) -> str:
+    """Prompts per set of every stage, from its rows (a stage skipped in this run keeps its older file)."""
+    ns = {}
+    for k in ROW_STAGES:
+        rows = results.get(k, {}).get("rows", [])
+        if rows:
+            ns[k] = sorted({r["n_prompts"] for r in rows})
+    if not ns:
+        return f"{meta.get('limit')} prompts per set"
+    if len({tuple(v) for v in ns.values()}) == 1:
+        v = next(iter(ns.values()))
+        return f"{'/'.join(map(str, v))} prompts per set"
+    return "prompts per set by stage: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ns.items())
+
+
 def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
     main = results["main"]
     rows = main["rows"]
@@ -49,7 +64,7 @@ def render(results: dict, meta: dict, res_dir: Path, static: str) -> str:
         f"{meta.get('total_seconds', 0) / 60:.0f} min on this machine ({env.get('cpu')}, {env.get('threads')} torch "
         f"threads). Verifier {env.get('verifier')} ({env.get('dtype')}), drafters trained with the "
         f"{_objective(main)} objective, tree depth {tree.get('depth')} / top-k {tree.get('top_k')} / "
-        f"{tree.get('total_tokens')} nodes per drafter. **n = {meta.get('limit')} prompts per set** (MT-Bench: "
+        f"{tree.get('total_tokens')} nodes per drafter. **n = {_n_text(results, meta)}** (MT-Bench: "
         f"both turns), {meta.get('max_new_tokens')} new tokens, temperatures {', '.join(f'{t:g}' for t in temps)}. "
         f"`lossless_mismatches` summed over every temperature-0 row: {mism} ({n_gen} prompt runs in all). "
         f"Raw files: `results/*.json`; stage times: "

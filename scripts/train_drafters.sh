@@ -43,6 +43,24 @@ python -m training.distill --input runs/data/math.jsonl --output runs/data/math_
   --max-new-tokens 256 --batch-size 16 --threads 1 --offset "$MATH_N" --limit "$MATH_MORE_N"
 python -m training.distill --input runs/data/code_first.jsonl --output runs/data/code_more_distilled.jsonl \
   --max-new-tokens 192 --batch-size 16 --threads 1 --offset "$CODE_N" --limit "$CODE_MORE_N"
+# the big recipe (math_big_eagle2, chat_big_eagle2; issue 18): up to 12,000 math conversations and every
+# non-code ShareGPT training conversation's first exchange (9,023), distilled at batch 64 (1 thread: 1.3-1.8 math and
+# 0.8-0.9 chat conversations/s on the 2-core EPYC while the other core worked); BIG_MATH_N / BIG_CHAT_N cap them.
+# Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
+if [[ " ${CONFIGS[*]} " == *_big_* ]]; then
+  [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
+  if [ ! -f runs/data/chat_big_first.jsonl ]; then
+    [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
+    python -m training.data.first_turns runs/data/chat_big.jsonl runs/data/chat_big_first.jsonl --max-prompt-chars 2000
+  fi
+  python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_big_distilled.jsonl \
+    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit "${BIG_MATH_N:-12000}" &
+  python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big_distilled.jsonl \
+    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --limit "${BIG_CHAT_N:-9023}" &
+  wait
+  [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \
+    --data runs/data/math_big_distilled.jsonl runs/data/chat_big_distilled.jsonl --map-out runs/vocab/big-8192.json
+fi
 # 3. one draft vocabulary for math, chat and mixed (weight averaging needs identical token maps)
 [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --size 8192 \
   --data runs/data/math_distilled.jsonl runs/data/chat_distilled.jsonl --map-out runs/vocab/shared-8192.json

@@ -304,15 +304,16 @@ def train_worker(cfg_dict: dict) -> dict:
         token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
                           seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head)
-    if cfg.init_from:  # same shape and token map required (load_drafter checks the verifier)
+    if cfg.init_from:  # same shape required (load_drafter checks the verifier); the token map too, unless the head
+        # is frozen verifier rows: then only the map differs and the new map's rows come from the verifier
         src = load_drafter(cfg.init_from, verifier)
-        if (src.config.draft_vocab_size != cfg.draft_vocab_size or
-                (src.d2t is not None and not torch.equal(src.d2t.cpu(), drafter.d2t.cpu()))):
+        rows_head = cfg.draft_head == "verifier-rows"
+        if src.config.draft_vocab_size != cfg.draft_vocab_size or (
+                not rows_head and src.d2t is not None and not torch.equal(src.d2t.cpu(), drafter.d2t.cpu())):
             raise TrainConfigError(f"init_from {cfg.init_from} has another draft vocabulary than this config")
-        state = {k: v for k, v in src.state_dict().items() if not (k == "lm_head.weight" and cfg.draft_head ==
-                                                                     "verifier-rows")}
+        state = {k: v for k, v in src.state_dict().items() if not (rows_head and k in ("lm_head.weight", "d2t"))}
         res = drafter.load_state_dict(state, strict=False)
-        missing = [k for k in res.missing_keys if k != "lm_head.weight"]
+        missing = [k for k in res.missing_keys if k not in ("lm_head.weight", "d2t")]
         if missing or res.unexpected_keys:
             raise TrainConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {res.unexpected_keys}")
         log.info("initialised from %s", cfg.init_from)

@@ -355,6 +355,21 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     assert "initialised from" in r.stderr
     assert json.loads((root / "runs/tiny/reduced_hass/drafter.json").read_text())["objective"] == "hass"
 
+    # continuing it on another token map: the frozen head's rows follow the new map, the trained weights carry over
+    other = sorted(torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:64].tolist())
+    (root / "map2.json").write_text(json.dumps({"size": 64, "token_ids": other}))
+    cfg.update(objective="eagle2", objective_overrides={}, draft_vocab_map="map2.json",
+               checkpoint_dir="runs/tiny/ckpt_map2", output_dir="runs/tiny/map2", max_steps=1)
+    (root / "map2.yaml").write_text(yaml.safe_dump(cfg))
+    assert "initialised from" in _train(root, config=root / "map2.yaml").stderr
+    d2 = load_drafter(root / "runs" / "tiny" / "map2", v)
+    assert d2.d2t.tolist() == other
+    torch.testing.assert_close(d2.lm_head.weight.float(), v.model.lm_head.weight[d2.d2t].float())
+    cfg.update(draft_head="own", output_dir="runs/tiny/map_own", checkpoint_dir="runs/tiny/ckpt_own")
+    (root / "own.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(root, config=root / "own.yaml", check=False)  # a trained head cannot change its map
+    assert r.returncode != 0 and "another draft vocabulary" in r.stderr
+
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(trained_tiny, tmp_path):
