@@ -62,10 +62,12 @@ def snapshots(directory: str | Path) -> list[tuple[str, Path, float, int]]:
 
 def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], domain: str, per_set: int = 8,
                    max_new_tokens: int = 64, dtype: str = "float32", batch: int = 8, threads: int = 2,
-                   verifier: str | None = None) -> dict:
+                   verifier: str | None = None, baseline: str | None = None) -> dict:
+    """Acceptance of every point on the dev slice; with `baseline` (a point's name), every other point also
+    gets its paired difference to it (`vs_baseline`: difference, lo, hi, verdict), the ship-or-not test."""
     import torch
 
-    from eval.ci import mean_ratio_ci
+    from eval.ci import mean_ratio_ci, paired_mean_diff_ci, verdict
     from eval.run import run_eval
     from taps.config import TreeConfig
     from taps.runtime import build_engine, load_default_verifier
@@ -92,7 +94,17 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
                     "by_set": {r["dataset"]: r["acceptance_length"] for r in mine},
                     "train_acc": training.get("final_acc"), "train_loss": training.get("final_loss"),
                     "mismatches": sum(r["lossless_mismatches"] or 0 for r in mine)})
-    return {"domain": domain, "dev_sets": list(DEV_SETS[domain]), "per_set": per_set,
+    if baseline is not None:
+        def sets_of(name):
+            return [([p[0] for p in r["per_prompt"]], [p[1] for p in r["per_prompt"]])
+                    for r in rows if r["strategy"] == f"single:{name}"]
+
+        base = sets_of(baseline)
+        for p in out:
+            if p["name"] != baseline:
+                d, lo, hi = paired_mean_diff_ci(sets_of(p["name"]), base)
+                p["vs_baseline"] = [round(d, 4), round(lo, 4), round(hi, 4), verdict(d, lo, hi)]
+    return {"domain": domain, "baseline": baseline, "dev_sets": list(DEV_SETS[domain]), "per_set": per_set,
             "max_new_tokens": max_new_tokens, "dtype": str(v.model.embed_tokens.weight.dtype).replace("torch.", ""),
             "threads": threads, "seconds": round(time.perf_counter() - t0, 1), "points": out}
 
@@ -131,6 +143,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.curve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--snapshots", action="append", default=[], help="a run's snapshot directory (repeatable)")
     ap.add_argument("--compare", action="append", default=[], help="NAME=DRAFTER_DIR evaluated beside (repeatable)")
+    ap.add_argument("--baseline", default=None, help="a --compare NAME: every point's paired difference to it")
     ap.add_argument("--domain", required=True, choices=sorted(DEV_SETS))
     ap.add_argument("--per-set", type=int, default=8, help="prompts per dev set (the last ones of each file)")
     ap.add_argument("--every", type=int, default=1, help="evaluate every k-th snapshot (the last is always kept)")
@@ -166,18 +179,23 @@ def cli(argv: list[str] | None = None) -> int:
         points.append((name, Path(path), None, None))
     if not points:
         ap.error("nothing to evaluate: give --snapshots and/or --compare")
+    if args.baseline is not None and args.baseline not in [p[0] for p in points]:
+        ap.error(f"--baseline {args.baseline!r} is not one of the evaluated names")
     res = evaluate_curve(points, args.domain, args.per_set, args.max_new_tokens, args.dtype, args.batch,
-                         args.threads, args.verifier)
+                         args.threads, args.verifier, args.baseline)
     res["label"] = args.label
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     for p in res["points"]:
         ci = "[{:.2f}, {:.2f}]".format(*p["ci"]) if p["ci"] else ""
+        vs = p.get("vs_baseline")
+        vs = f"  vs {args.baseline}: {vs[0]:+.3f} [{vs[1]:+.3f}, {vs[2]:+.3f}] {vs[3]}" if vs else ""
         print(f"{p['name']:>14s}  t={p['train_time_s'] or 0:7.0f}s  step={p['step'] or 0:6d}  "
-              f"tau {p['acceptance_length']:.3f} {ci}  {p['by_set']}")
+              f"tau {p['acceptance_length']:.3f} {ci}  {p['by_set']}{vs}")
     if args.plot:
         plot([res], args.plot)
-    return 1 if any(p["mismatches"] for p in res["points"]) else 0
+    # float32 must be lossless; a bf16 verifier may flip near-ties between tree and one-token forwards
+    return 1 if res["dtype"] == "float32" and any(p["mismatches"] for p in res["points"]) else 0
 
 
 if __name__ == "__main__":

@@ -502,6 +502,7 @@ def test_snapshots_make_a_learning_curve(tmp_path):
     assert all(b[2] >= a[2] for a, b in zip(snaps, snaps[1:]))  # whole seconds of training
     out = tmp_path / "curve.json"
     rc = curve_cli(["--snapshots", str(snaps[0][1].parent), "--compare", f"final={root / 'runs/tiny/drafter'}",
+                    "--baseline", "final",
                     "--domain", "math", "--per-set", "1", "--max-new-tokens", "4", "--batch", "3", "--threads", "1",
                     "--verifier", str(root / "runs" / "tiny" / "verifier"), "--out", str(out),
                     "--plot", str(tmp_path / "curve.png")])
@@ -509,6 +510,7 @@ def test_snapshots_make_a_learning_curve(tmp_path):
     res = json.loads(out.read_text())
     assert [p["kind"] for p in res["points"]] == ["snapshot"] * len(snaps) + ["compare"]
     assert len({p["name"] for p in res["points"]}) == len(res["points"])
+    assert all(len(p["vs_baseline"]) == 4 for p in res["points"][:-1]) and "vs_baseline" not in res["points"][-1]
     card = json.loads((root / "runs" / "tiny" / "drafter" / "drafter.json").read_text())
     assert card["training"]["compute_dtype"] in ("float32", "bfloat16")  # measured at start-up
     assert all(p["acceptance_length"] >= 1.0 and set(p["by_set"]) == {"gsm_symbolic", "mathematics", "svamp_like"}
