@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="verifier dtype (float32: token-exact lossless checks)")
+    ap.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
+                    help="drafter compute dtype (as `taps serve`: auto = the faster of float32 and bfloat16 here, "
+                         "measured at start-up; drafts never change the output, only how many are accepted)")
     ap.add_argument("--device", default="cpu", help="torch device of verifier and drafters, e.g. cuda "
                     "(see the GPU notes in docs/results.md)")
     ap.add_argument("--from-results", action="store_true", help="only re-render from OUT/results/*.json")
@@ -118,8 +121,11 @@ class Runner:
         if key not in self.engines:
             from taps.runtime import build_engine
 
+            from taps.runtime import parse_drafter_dtype
+
             self.engines[key] = build_engine(self.verifier, list(entries), self.tree, self.drafter_dir,
-                                             allow_random=False)
+                                             allow_random=False,
+                                             drafter_dtype=parse_drafter_dtype(self.args.drafter_dtype))
         return self.engines[key]
 
     def env(self, info: dict) -> dict:
@@ -130,6 +136,7 @@ class Runner:
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                 "tree": {"depth": self.tree.depth, "top_k": self.tree.top_k, "total_tokens": self.tree.total_tokens},
                 "max_new_tokens": self.args.max_new_tokens, "limit": self.args.limit, "batch": self.args.batch,
+                "drafter_dtype": self.args.drafter_dtype,
                 "drafters": {n: {k: d.get(k) for k in ("objective", "trained", "checkpoint", "draft_vocab_size")}
                              for n, d in info.items()}}
 

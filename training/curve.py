@@ -109,6 +109,50 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
             "threads": threads, "seconds": round(time.perf_counter() - t0, 1), "points": out}
 
 
+def heldout_agreement(drafters: dict[str, str | Path], domain: str, per_set: int = 8, max_new_tokens: int = 128,
+                      verifier: str | None = None, threads: int = 2) -> dict:
+    """Top-1 agreement of each drafter with the verifier on held-out self-distilled text: the verifier
+    answers the dev slice's prompts (greedy, bf16, as the training data was made); teacher-forced on the
+    verifier's own features, how often the drafter's top token (mapped back from its draft vocabulary)
+    equals the verifier's next token of that text, over the answer positions."""
+    import torch
+
+    from taps.batchgen import batch_generate
+    from taps.models.drafter import load_drafter
+    from taps.models.loading import load_verifier
+    from training.features import FeatureSet, verifier_hidden
+    from training.objectives import _positions, causal, training_pairs
+
+    torch.set_num_threads(threads)
+    v = load_verifier(verifier, dtype=torch.bfloat16)
+    prompts = [v.encode_chat([{"role": "user", "content": r["turns"][0]}]) for rows in dev_slice(domain, per_set)
+               for r in rows]
+    answers = batch_generate(v.model, prompts, max_new_tokens, set(v.eos_token_ids))
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    feats = FeatureSet(input_ids=[torch.tensor(s) for s in seqs],
+                       loss_mask=[torch.tensor([0] * len(p) + [1] * len(a), dtype=torch.uint8)
+                                  for p, a in zip(prompts, answers)],
+                       hidden=verifier_hidden(v.model, seqs), manifest={})
+    batch = feats.batch(list(range(len(seqs))), max(len(s) for s in seqs))
+    tokens, inputs, _, weight = training_pairs(batch)
+    b, t = tokens.shape
+    # the pair (f_t, x_{t+1}) at index t predicts f_{t+1}, whose head gives x_{t+2}: compare with the text
+    nxt = torch.cat([batch["input_ids"][:, 2:], torch.zeros(b, 1, dtype=torch.long)], dim=1)
+    sel = weight[:, :] > 0
+    sel[:, -1] = False
+    sel &= torch.arange(t)[None] + 2 < batch["lengths"][:, None]
+    out = {}
+    with torch.no_grad():
+        for name, path in drafters.items():
+            d = load_drafter(path, v).to(torch.float32).eval()
+            pred = d(tokens, inputs.float(), _positions(b, t, tokens.device), None,
+                     causal(t, tokens.device)[None, None].expand(b, 1, t, t))
+            guess = d.to_token_ids(d.draft_logits(pred[sel]).argmax(-1))
+            out[name] = round(float((guess == nxt[sel]).float().mean()), 4)
+    return {"domain": domain, "prompts": len(seqs), "answer_tokens": sum(len(a) for a in answers),
+            "positions": int(sel.sum()), "top1_agreement": out}
+
+
 def plot(curves: list[dict], path: str | Path) -> None:
     import matplotlib
 
@@ -156,11 +200,19 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON rows")
     ap.add_argument("--plot", default=None, help="PNG; several --out files can be drawn together with --merge")
     ap.add_argument("--merge", nargs="*", default=None, help="only draw these JSON files into --plot")
+    ap.add_argument("--agreement", action="store_true",
+                    help="only measure top-1 agreement of the --compare drafters on held-out self-distilled text")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.merge is not None:
         curves = [json.loads(Path(f).read_text()) for f in args.merge]
         plot(curves, args.plot or Path(args.out).with_suffix(".png"))
+        return 0
+    if args.agreement:
+        drafters = dict(c.partition("=")[::2] for c in args.compare)
+        res = heldout_agreement(drafters, args.domain, args.per_set, verifier=args.verifier, threads=args.threads)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps(res))
         return 0
     points: list = []
     for d in args.snapshots:

@@ -516,3 +516,10 @@ def test_snapshots_make_a_learning_curve(tmp_path):
     assert all(p["acceptance_length"] >= 1.0 and set(p["by_set"]) == {"gsm_symbolic", "mathematics", "svamp_like"}
                for p in res["points"])
     assert (tmp_path / "curve.png").stat().st_size > 1000
+    rc = curve_cli(["--agreement", "--compare", f"final={root / 'runs/tiny/drafter'}", "--compare",
+                    f"first={snaps[0][1]}", "--domain", "chat", "--per-set", "2", "--threads", "1",
+                    "--verifier", str(root / "runs" / "tiny" / "verifier"), "--out", str(tmp_path / "agree.json")])
+    agree = json.loads((tmp_path / "agree.json").read_text())
+    assert rc == 0 and agree["prompts"] == 2 and agree["positions"] > 0
+    assert set(agree["top1_agreement"]) == {"final", "first"}
+    assert all(0.0 <= a <= 1.0 for a in agree["top1_agreement"].values())
