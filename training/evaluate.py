@@ -113,17 +113,14 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(cli())
-
 
 _SETUP = ("bash scripts/train_drafters.sh {cfg}   # all of it: data, self-distillation, token map, training "
           "(one process; TRAIN_LOCAL=0 submits Ray jobs instead)")
 _JOB = ("# the training step alone, as a Ray job: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 "
-        "--working-dir . -- python training/train_drafter.py --config training/configs/{cfg}.yaml --root $PWD")
+        "--working-dir . -- python training/train_drafter.py --config training/configs/{last}.yaml --root $PWD")
 COMMANDS = {
-    **{name: [_SETUP.format(cfg=cfg), _JOB.format(cfg=cfg)] for name, cfg in (
-        ("math", "math_eagle2"), ("chat", "chat_eagle2"), ("mixed", "mixed_eagle2"), ("math_hass", "math_hass"),
+    **{name: [_SETUP.format(cfg=cfg), _JOB.format(last=cfg.split()[-1])] for name, cfg in (
+        ("math", "math_eagle2 math_big_eagle2"), ("chat", "chat_eagle2 chat_big_eagle2"), ("mixed", "mixed_eagle2"), ("math_hass", "math_hass"),
         ("chat_hass", "chat_hass"), ("mixed_hass", "mixed_hass"), ("math_text", "math_text_eagle2"), ("code", "code_eagle2"))},
     "averaged": ["python -m training.average --inputs drafters/math drafters/chat --weights 0.5 0.5 "
                  "--out drafters/averaged --name averaged"],
@@ -132,13 +129,17 @@ COMMANDS = {
 }
 
 NOTES = {  # how a drafter's budget was spent, for the Reproduce section of its card
-    "math": "EAGLE-2, one run of 2,520 s (time_budget_s, the shipped EAGLE-2 budget) on 1,280 self-distilled "
-            "math conversations: the 512 of math_distilled.jsonl (also in mixed) + 768 more "
-            "(math_more_distilled.jsonl). The script first makes runs/drafters/math_420 (420 s on the first 512), "
-            "where math_hass starts.",
-    "chat": "EAGLE-2: a first 420 s session (runs/drafters/chat_420, where chat_hass starts), resumed to 2,520 s "
-            "of training in all (sessions of 420 + 420 + 840 + 840 s); wall time above is the last session's. "
-            "It stops early at 30 epochs of its 320 conversations.",
+    "math": "EAGLE-2 in two stages. (1) The small recipe: 2,520 s (time_budget_s) on 1,280 self-distilled math "
+            "conversations, the 512 of math_distilled.jsonl (also in mixed) + 768 more (math_more_distilled.jsonl); the "
+            "script first makes runs/drafters/math_420 (420 s on the first 512), where math_hass starts. (2) The big "
+            "recipe (math_big_eagle2): continued from (1) for 1,500 s (bf16 compute, 5,100 steps) on the first 2,560 "
+            "of 3,840 conversations self-distilled at batch 64, with the 8,192-token map of math and chat big data "
+            "(docs/training.md, At scale; learning curve docs/learning_curves.png).",
+    "chat": "EAGLE-2 in two stages. (1) The small recipe: a first 420 s session (runs/drafters/chat_420, where "
+            "chat_hass starts), resumed to 2,520 s of training in all on 320 ShareGPT first exchanges. (2) The big "
+            "recipe (chat_big_eagle2): continued from (1) for 1,500 s (bf16 compute, 5,000 steps) on 2,255 of 2,304 "
+            "ShareGPT first exchanges self-distilled at batch 64 (those that fit max_len), with the shared big "
+            "8,192-token map (docs/training.md, At scale).",
     "mixed": "EAGLE-2, 2,520 s of training in all (sessions of 840 s, each resuming the last) on the 512 math + "
              "320 chat conversations; wall time above is the last session's.",
     "math_hass": "Fine-tunes the drafter of math's first 420 s session (runs/drafters/math_420, made by "
@@ -195,6 +196,13 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
                   + (f", {tr['train_time_s']} s of training in all sessions" if tr.get("train_time_s") else ""),
                   f"- final loss {tr.get('final_loss')}, top-1 agreement with the verifier on training positions "
                   f"{tr.get('final_acc')}"]
+    agree = Path(__file__).resolve().parents[1] / "docs" / "results" / f"agreement_{name}.json"
+    if agree.exists():  # training.curve --agreement, written when the drafter shipped
+        a = json.loads(agree.read_text())
+        lines.append(f"- top-1 agreement with the verifier on held-out self-distilled text (its greedy answers to "
+                     f"the {a['prompts']} {a['domain']} dev-slice prompts, {a['positions']} positions; "
+                     f"docs/results/{agree.name}): {a['top1_agreement']['new']:.3f} (the drafter it replaced: "
+                     f"{a['top1_agreement']['shipped']:.3f})")
     if results:
         lines += ["", f"Acceptance length (`python -m training.evaluate`, single:NAME, temperature 0, "
                   f"{results.get('max_new_tokens', 64)} new tokens, default tree depth 5 / top-k 4 / 16 nodes, "
@@ -209,10 +217,12 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
         none = {(r["dataset"], r["temperature"]): r for r in eval_rows if r.get("strategy") == "none"}
         lines += ["", f"Measured with `taps eval` (held-out dev prompts, {source or 'report run'}; default tree "
                   "depth 5 / top-k 4 / 16 nodes):", "",
-                  "| dataset | temperature | prompts | acceptance length | tokens/s vs none |", "| --- | --- | --- | --- | --- |"]
+                  "| dataset | temperature | prompts | acceptance length [95% CI] | tokens/s vs none |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in mine:
-            sp = r.get("speedup_vs_none")
-            lines.append(f"| {r['dataset']} | {r['temperature']} | {r['n_prompts']} | {r['acceptance_length']:.2f} | "
+            sp, ci = r.get("speedup_vs_none"), r.get("acceptance_ci")
+            ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            lines.append(f"| {r['dataset']} | {r['temperature']} | {r['n_prompts']} | {r['acceptance_length']:.2f}{ci} | "
                          f"{'-' if sp is None else f'{sp:.2f}x'} |")
     lines += ["", "Reproduce:" + (f" {NOTES[name]}" if name in NOTES else ""), "", "```"] + COMMANDS.get(name, []) + \
         ["```", ""]
@@ -220,3 +230,7 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
     out = directory / "README.md"
     out.write_text("\n".join(lines).replace(root, ""))
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
