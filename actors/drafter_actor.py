@@ -28,7 +28,7 @@ import torch
 from actors.grpc_server import serve_drafter
 from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import sha256_dir
+from taps.models.drafter import INT8, sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
 from taps.runtime import (build_drafter, fastest_drafter_dtype, parse_drafter_dtype, parse_dtype, resolve_drafter,
                           resolve_dtype)
@@ -60,10 +60,11 @@ class DrafterActor:
             ddt = parse_drafter_dtype(drafter_dtype)
             if ddt == "auto":
                 ddt = fastest_drafter_dtype(spec, parts, expected_sha256=expected_sha256)
-            if ddt is not None and ddt != parts_dtype:  # read the parts in the drafter's dtype: no second copy
+            compute = torch.bfloat16 if ddt == INT8 else ddt  # int8 weight-only linears compute in bf16
+            if compute is not None and compute != parts_dtype:  # read the parts in the drafter's dtype: no second copy
                 del parts
-                parts = load_verifier_parts(verifier, dtype=ddt, device=device)
-            drafter = build_drafter(spec, parts, expected_sha256=expected_sha256)
+                parts = load_verifier_parts(verifier, dtype=compute, device=device)
+            drafter = build_drafter(spec, parts, expected_sha256=expected_sha256, dtype=INT8 if ddt == INT8 else None)
             self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
             self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
             self.runner = DrafterRunner(drafter, max_len=max_len + 512, name=name)

@@ -16,6 +16,8 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
     merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
     merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
     merged@bf16            drafters computed in bfloat16 (never affects the output)
+    merged@int8            drafters with int8 weight-only linears, bf16 activations (taps.models.quant; never
+                           affects the output)
     merged@fast            fast numerics mode: the verifier in --fast-dtype (bfloat16), drafters built from it;
                            compared with `none@fast` (added automatically): each divergence is a "flip",
                            reported with the float32 logit gap of the two tokens at the first differing position
@@ -151,7 +153,7 @@ class Config:
     kind: str  # taps | hf | hf-lookup
     strategy: str = "none"
     auto: bool = False
-    bf16: bool = False
+    drafter_dtype: object = None  # None: the verifier's; torch.bfloat16 (@bf16) or "int8" (@int8)
     fast: bool = False
     tree: TreeConfig | None = None
     drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
@@ -169,7 +171,9 @@ def parse_config(spec: str) -> Config:
         if o == "auto":
             c.auto = True
         elif o == "bf16":
-            c.bf16 = True
+            c.drafter_dtype = torch.bfloat16
+        elif o == "int8":
+            c.drafter_dtype = "int8"
         elif o == "fast":
             c.fast = True
         elif o.startswith("d="):
@@ -208,25 +212,25 @@ def build(configs: list[Config], args, verifiers: dict):
         extra = (c.drafters or []) + ([c.strategy.split(":", 1)[1]] if c.strategy.startswith("single:") else [])
         names += [n for n in extra if n not in names]
 
-    def runners(bf16: bool, fast: bool) -> dict:
-        if (bf16, fast) not in runner_sets:
+    def runners(drafter_dtype, fast: bool) -> dict:
+        if (drafter_dtype, fast) not in runner_sets:
             out = {}
             for i, n in enumerate(names):
                 if is_lookup(n):
                     out[n] = PromptLookupRunner(n)
                     continue
                 d = build_drafter(resolve_drafter(n, None, allow_random=False), verifiers[fast], seed=i,
-                                  dtype=torch.bfloat16 if bf16 else None)
+                                  dtype=drafter_dtype)
                 out[n] = DrafterRunner(d, max_len=args.max_len + 256, name=n)
-            runner_sets[(bf16, fast)] = out
-        return runner_sets[(bf16, fast)]
+            runner_sets[(drafter_dtype, fast)] = out
+        return runner_sets[(drafter_dtype, fast)]
 
     default_tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     memo: dict = {}  # cost measurements shared by the auto policies
     for c in configs:
         if c.kind != "taps":
             continue
-        rs = runners(c.bf16, c.fast)
+        rs = runners(c.drafter_dtype, c.fast)
         verifier = verifiers[c.fast]
         eng = TapsEngine(vrunners[c.fast], rs, c.tree or default_tree, verifier.eos_token_ids)
         strat = parse_strategy(c.strategy, c.drafters or default_names, available=list(rs))
@@ -283,6 +287,7 @@ def fp32_gap(model, prompt_ids: list[int], a: list[int], b: list[int]) -> float:
 def cost_report(args) -> int:
     from taps.costmodel import measure_drafter, measure_verifier
     from taps.drafting import DrafterRunner
+    from taps.models.quant import int8_supported
     from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
 
     if args.threads:
@@ -298,26 +303,32 @@ def cost_report(args) -> int:
         entry = args.drafters.split(",")[0]
         name = entry.split("=", 1)[0]
         dr = {}
-        for ddt in (torch.float32, torch.bfloat16):
+        for ddt in (torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ()):
             d = build_drafter(resolve_drafter(entry, None, allow_random=False), v, dtype=ddt)
             r = DrafterRunner(d, max_len=1024, name=name)
-            dr[str(ddt).split(".")[-1]] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5) for t in trees]
+            dr[str(ddt).split(".")[-1]] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5, flush=True)
+                                           for t in trees]
         out[dt] = (vt, dr)
         print(f"\nverifier {dt} ({clock}, {torch.get_num_threads()} threads, 128-token prefix): ms per forward")
         print("| tree nodes | " + " | ".join(str(n) for n in sizes) + " |")
         print("| --- " * (len(sizes) + 1) + "|")
         print("| ms | " + " | ".join(f"{1000 * x:.1f}" for x in vt.seconds) + " |")
-        print(f"\ndrafting (drafter {name}, verifier {dt}): ms per draft call (1 new pair + growing the tree)")
+        print(f"\ndrafting (drafter {name}, verifier {dt}): ms per draft call (1 new pair + growing the tree; caches "
+              "flushed before each call, as the verifier's forward does in serving)")
         print("| drafter dtype | " + " | ".join(f"d{t.depth}/k{t.top_k}/n{t.total_tokens}" for t in trees) + " |")
         print("| --- " * (len(trees) + 1) + "|")
         for k, xs in dr.items():
             print(f"| {k} | " + " | ".join(f"{1000 * x:.1f}" for x in xs) + " |")
+        t = trees[-1]
+        print(f"d{t.depth}/k{t.top_k}/n{t.total_tokens} draft / verify(1) in {dt}: "
+              + ", ".join(f"{k} drafter {xs[-1] / vt.at(1):.2f}x" for k, xs in dr.items()))
         print(f"\nacceptance length needed (verifier {dt}): step = draft + verify(N); none = verify(1)")
-        print("| tree (per drafter) | drafters | N verified | step ms (bf16 drafter) | tau for 1.0x | tau for 2.0x |")
+        fastest = min(dr, key=lambda k: dr[k][-1])
+        print(f"| tree (per drafter) | drafters | N verified | step ms ({fastest} drafter) | tau for 1.0x | tau for 2.0x |")
         print("| --- | --- | --- | --- | --- | --- |")
         base = vt.at(1)
         for n_dr in (1, 2):
-            for t, dcost in zip(trees, dr["bfloat16"]):
+            for t, dcost in zip(trees, dr[fastest]):
                 n = 1 + (t.total_tokens - 1) * n_dr
                 step = n_dr * dcost + vt.at(n)
                 print(f"| d{t.depth}/k{t.top_k}/n{t.total_tokens} | {n_dr} | {n} | {1000 * step:.1f} | "

@@ -20,9 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="verifier dtype. float32 (default): exact mode, token-identical to `none`. bfloat16: fast "
                         "mode, each token still the verifier's argmax in its own forward, may differ from bf16 `none` "
                         "at near-ties. auto: whichever this machine runs fastest, measured at start-up")
-    p.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="drafter compute dtype; auto (default): the faster of float32 and bfloat16 for each drafter, "
-                        "timed at start-up; never affects the output")
+    p.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "int8", "auto"],
+                   help="drafter compute dtype; int8: weight-only int8 linears with bf16 activations; auto (default): the "
+                        "fastest of float32, bfloat16 and int8 for each drafter, timed at start-up; never affects the "
+                        "output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")
     p.add_argument("--tree-depth", type=int, default=5, help="draft tree depth")
     p.add_argument("--tree-top-k", type=int, default=4, help="children expanded per node")

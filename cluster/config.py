@@ -41,7 +41,7 @@ class TreeArgs(BaseModel):
 class AppConfig(BaseModel):
     verifier: str | None = None  # HF dir / .gguf / hub id; None = shipped SmolLM2-135M-Instruct
     dtype: str = "float32"  # verifier dtype
-    # drafter compute dtype: auto (default) = the faster of float32 / bfloat16 for each drafter, timed
+    # drafter compute dtype: auto (default) = the fastest of float32 / bfloat16 / int8 for each drafter, timed
     # where its actor runs; None = the verifier's. It never changes the output
     drafter_dtype: str | None = "auto"
     drafters: list[DrafterEntry] = Field(default_factory=list)  # started with the application

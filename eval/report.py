@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="verifier dtype (float32: token-exact lossless checks)")
-    ap.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
-                    help="drafter compute dtype (as `taps serve`: auto = the faster of float32 and bfloat16 here, "
+    ap.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "int8", "auto"],
+                    help="drafter compute dtype (as `taps serve`: auto = the fastest of float32, bfloat16 and int8 here, "
                          "measured at start-up; drafts never change the output, only how many are accepted)")
     ap.add_argument("--device", default="cpu", help="torch device of verifier and drafters, e.g. cuda "
                     "(see the GPU notes in docs/results.md)")

@@ -197,7 +197,7 @@ def measure_policy(verifier_model, drafter_runners: list, hidden_size: int, n_dr
     table = measure_verifier(verifier_model, sizes=sizes, repeats=3)
     costs = {}
     for c in candidates:
-        draft = sum(measure_drafter(r, hidden_size, c, repeats=3) for r in drafter_runners[:n_drafters_per_step])
+        draft = sum(measure_drafter(r, hidden_size, c, repeats=3, flush=True) for r in drafter_runners[:n_drafters_per_step])
         n = c.total_tokens * (n_drafters_per_step if merged else 1)
         costs[c] = draft + table.at(n)
     return TreePolicy(costs)
@@ -256,7 +256,7 @@ def auto_policy(verifier_model, drafter_runners: list, strategy, candidates=None
     def draft_s(runner, c: TreeConfig) -> float:
         key = ("draft", id(runner), c)
         if key not in memo:
-            memo[key] = measure_drafter(runner, verifier_model.config.hidden_size, c, repeats=repeats)
+            memo[key] = measure_drafter(runner, verifier_model.config.hidden_size, c, repeats=repeats, flush=True)
         return memo[key]
 
     costs, drafting = {}, {}

@@ -138,35 +138,41 @@ def row_quantum(model: torch.nn.Module, candidates=(1, 2, 4, 8, 16), reference_r
 
     Measured once per (shapes, dtype, device, threads) in a process (about a second for a 135M
     model). If no candidate is invariant the largest is used (and nothing is guaranteed)."""
-    weights, count = {}, {}
+    from taps.models.quant import Int8Linear
+
+    weights, count = {}, {}  # (out, in, kind) -> a callable x -> linear(x) of that shape
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
-            key = tuple(m.weight.shape)
-            weights.setdefault(key, m.weight)
-            count[key] = count.get(key, 0) + 1
+            key = (*m.weight.shape, m.weight.dtype)
+            weights.setdefault(key, (m.weight.dtype, m.weight.device, lambda x, w=m.weight: F.linear(x, w)))
+        elif isinstance(m, Int8Linear):  # weight-only int8: bf16 rows in
+            key = (m.out_features, m.in_features, "int8")
+            weights.setdefault(key, (m.act_dtype, m.qweight.device, m))
+        else:
+            continue
+        count[key] = count.get(key, 0) + 1
     if not weights:
         return 1
-    w0 = next(iter(weights.values()))
-    key = (tuple(sorted(count.items())), w0.dtype, str(w0.device), torch.get_num_threads())
+    key = (tuple(sorted(count.items(), key=str)), str(next(iter(weights.values()))[1]), torch.get_num_threads())
     with _QUANTUM_LOCK:
         if key in _QUANTUM:
             return _QUANTUM[key]
         gen = torch.Generator().manual_seed(0)
         probes = []
-        for shape, w in weights.items():
-            x = torch.randn(reference_rows, w.shape[1], generator=gen).to(w.dtype).to(w.device)
-            probes.append((x, w, F.linear(x, w), count[shape]))
+        for shape, (dtype, device, f) in weights.items():
+            x = torch.randn(reference_rows, shape[1], generator=gen).to(dtype).to(device)
+            probes.append((x, f, f(x), count[shape]))
         invariant = [q for q in candidates
-                     if all(torch.equal(F.linear(x[:m], w), ref[:m]) for x, w, ref, _ in probes
+                     if all(torch.equal(f(x[:m]), ref[:m]) for x, f, ref, _ in probes
                             for m in _PROBE_ROWS if m % q == 0 and m <= reference_rows)]
 
         def cost(q: int) -> float:
             total = 0.0
-            for x, w, _, n in probes:
+            for x, f, _, n in probes:
                 times = []
                 for _ in range(5):
                     t0 = time.perf_counter()
-                    F.linear(x[:q], w)
+                    f(x[:q])
                     times.append(time.perf_counter() - t0)
                 total += n * sorted(times)[2]
             return total

@@ -69,10 +69,22 @@ def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, 
     return CostTable(list(sizes), out)
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def flush_caches(nbytes: int = 96 << 20) -> None:
+    """Touch `nbytes` (more than a server CPU's last-level cache), as the verifier's forward does
+    between two draft calls in serving: the drafter then reads its weights from memory, as it will."""
+    if not _FLUSH or _FLUSH[0].numel() != nbytes:
+        _FLUSH[:] = [torch.zeros(nbytes, dtype=torch.uint8)]
+    _FLUSH[0].add_(1)
+
+
 @torch.inference_mode()
 def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, prefix: int = 128,
-                    repeats: int = 5) -> float:
-    """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix."""
+                    repeats: int = 5, flush: bool = False) -> float:
+    """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix; `flush`:
+    the CPU caches are flushed before each call (flush_caches), the serving regime."""
     drafter = getattr(runner, "drafter", None)  # None: a weightless drafter (prompt lookup)
     device = drafter.fc.weight.device if drafter is not None else torch.device("cpu")
     dtype = drafter.fc.weight.dtype if drafter is not None else torch.float32
@@ -81,6 +93,8 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
                  torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
     times = []
     for i in range(repeats + 1):
+        if flush:
+            flush_caches()
         t0 = clock()
         runner.draft("cost", torch.tensor([(5 + i) % vocab]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
         times.append(clock() - t0)
@@ -88,8 +102,8 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def pick_fastest(seconds: dict[torch.dtype, float], margin: float) -> torch.dtype:

@@ -13,8 +13,9 @@ from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_dr
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import EagleDrafter, load_drafter, new_drafter
+from taps.models.drafter import INT8, EagleDrafter, load_drafter, new_drafter, quantize_int8
 from taps.models.loading import Verifier, VerifierParts, load_verifier
+from taps.models.quant import int8_supported
 from taps.verify import VerifierRunner
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -
 
 
 def parse_drafter_dtype(name: str | None) -> torch.dtype | str | None:
-    """A drafter dtype option: None (the verifier's), "auto" (timed by build_drafter) or a dtype."""
-    return name if name in (None, "auto") else parse_dtype(name)
+    """A drafter dtype option: None (the verifier's), "auto" (timed by build_drafter), "int8" (weight-only
+    int8 linears, bf16 activations: taps.models.quant) or a dtype."""
+    return name if name in (None, "auto", INT8) else parse_dtype(name)
 
 
 @dataclass
@@ -87,14 +89,20 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
                   dtype: torch.dtype | str | None = None, expected_sha256: str | None = None) -> EagleDrafter:
     """The drafter of `spec` over the verifier's embedding and lm_head (a full Verifier or only its
     parts). `dtype`: the drafter's compute dtype (None: the verifier's; "auto": the faster of
-    float32 and bfloat16 for this drafter on this machine, measured now). It never changes the output."""
+    float32, bfloat16 and int8 for this drafter on this machine, measured now; "int8": weight-only int8
+    linears with bf16 activations). It never changes the output."""
     if dtype == "auto":
         dtype = fastest_drafter_dtype(spec, verifier, seed=seed, expected_sha256=expected_sha256)
+    quant = dtype == INT8
+    if quant:
+        dtype = torch.bfloat16
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)
-        return d.to(dtype) if dtype else d
-    return load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
+        d = d.to(dtype) if dtype else d
+    else:
+        d = load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
+    return quantize_int8(d) if quant else d
 
 
 def _release_freed_memory() -> None:
@@ -110,18 +118,23 @@ def _release_freed_memory() -> None:
 
 
 def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: int = 0,
-                          expected_sha256: str | None = None, candidates=(torch.float32, torch.bfloat16),
-                          margin: float = 1.1) -> torch.dtype:
-    """Time one draft call (a depth-5, 16-node tree after a 64-pair prefix) of this drafter in each
-    candidate dtype; float32 unless another wins by `margin`. Small ops dominate drafting, so the
-    answer differs between CPUs (bf16 was slower on an AMX Xeon, 3x faster on a Zen 4)."""
+                          expected_sha256: str | None = None, candidates=None,
+                          margin: float = 1.1) -> torch.dtype | str:
+    """Time one draft call (a depth-5, 16-node tree after a 64-pair prefix, caches flushed before each
+    call as the verifier's forward flushes them in serving) of this drafter in each candidate dtype
+    (default: float32, bfloat16, and int8 where this torch runs it); float32 unless another wins by
+    `margin`. The answer differs between CPUs (bf16 was slower on an AMX Xeon, 3x faster on a Zen 4,
+    where int8 weights were 1.5x faster again: drafting reads weights from memory)."""
+    if candidates is None:
+        device = verifier.model.embed_tokens.weight.device
+        candidates = (torch.float32, torch.bfloat16) + ((INT8,) if int8_supported(device) else ())
     tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     hidden = verifier.model.config.hidden_size
     seconds = {}
     for dt in candidates:
         d = build_drafter(spec, verifier, seed=seed, dtype=dt, expected_sha256=expected_sha256)
         runner = DrafterRunner(d, max_len=256, name=spec.name)
-        seconds[dt] = min(measure_drafter(runner, hidden, tree, prefix=64, repeats=3) for _ in range(2))
+        seconds[dt] = min(measure_drafter(runner, hidden, tree, prefix=64, repeats=3, flush=True) for _ in range(2))
         del d, runner
     _release_freed_memory()  # the losing copy: back to the OS, not kept by the allocator
     best = pick_fastest(seconds, margin)

@@ -138,10 +138,25 @@ class EagleDrafter(nn.Module):
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[.., H] -> [.., V_draft] float logits (V_draft = vocab size without a reduced vocabulary)."""
         head = self.lm_head if self.lm_head is not None else self.verifier_lm_head
-        return head(features.to(head.weight.dtype)).float()
+        dtype = head.weight.dtype if isinstance(head, nn.Linear) else self.fc.weight.dtype  # Int8Linear: bf16 in
+        return head(features.to(dtype)).float()
 
     def to_token_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.d2t is None else self.d2t[draft_ids]
+
+
+INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations and KV cache (taps.models.quant)
+
+
+def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
+    """In place, for serving: the decoder layer's seven projections and the drafter's own draft head
+    become weight-only int8 (taps.models.quant); fc, norms, activations and the KV cache are bf16. A
+    full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
+    from taps.models.quant import quantize_linears
+
+    drafter.to(torch.bfloat16)
+    names = [f"layer.self_attn.{p}_proj" for p in "qkvo"] + [f"layer.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    return quantize_linears(drafter, names + (["lm_head"] if drafter.lm_head is not None else []), torch.bfloat16)
 
 
 def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:
