@@ -86,8 +86,8 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
     """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix; `flush`:
     the CPU caches are flushed before each call (flush_caches), the serving regime."""
     drafter = getattr(runner, "drafter", None)  # None: a weightless drafter (prompt lookup)
-    device = drafter.fc.weight.device if drafter is not None else torch.device("cpu")
-    dtype = drafter.fc.weight.dtype if drafter is not None else torch.float32
+    device = drafter.device if drafter is not None else torch.device("cpu")
+    dtype = drafter.dtype if drafter is not None else torch.float32
     vocab = drafter.config.llama.vocab_size if drafter is not None else 32000
     runner.draft("cost", 3 + torch.arange(prefix) % (vocab - 3),
                  torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)

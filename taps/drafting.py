@@ -110,7 +110,7 @@ class DrafterRunner:
         forward per tree depth feeds every request's frontier, and one head call per depth scores
         them all. A job that cannot run gets its exception in its slot."""
         d = self.drafter
-        device = d.fc.weight.device
+        device = d.device
         out: list = [None] * len(jobs)
         live = []
         for i, job in enumerate(jobs):

@@ -82,6 +82,15 @@ class EagleDrafter(nn.Module):
             self.d2t = None
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of activations and the KV cache (bf16 for an int8 drafter)."""
+        return self.layer.input_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.input_layernorm.weight.device
+
+    @property
     def embed_tokens(self) -> nn.Embedding:
         return self._frozen[0]
 
@@ -97,14 +106,13 @@ class EagleDrafter(nn.Module):
             self.lm_head.weight.copy_(self.verifier_lm_head.weight[token_ids.to(self.lm_head.weight.device)])
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        p = self.fc.weight
-        return KVCache(self.config.llama, 1, max_len, batch, p.dtype, p.device)
+        return KVCache(self.config.llama, 1, max_len, batch, self.dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         # tokens: [B, T] (x_{i+1}); hidden: [B, T, H] (f_i); positions: [B, T] -> predicted features [B, T, H]
         assert tokens.shape == positions.shape and hidden.shape[:2] == tokens.shape, (tokens.shape, hidden.shape)
-        emb = self.embed_tokens(tokens).to(self.fc.weight.dtype)
+        emb = self.embed_tokens(tokens).to(self.dtype)
         x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))
         cos, sin = self.rotary(positions, x.dtype)
         start = cache.length if cache is not None else 0
@@ -127,7 +135,7 @@ class EagleDrafter(nn.Module):
             if seg.base + seg.rows > seg.cache.max_len:
                 raise ValueError(f"drafter KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len}")
             seg.layer = 0
-        emb = self.embed_tokens(tokens).to(self.fc.weight.dtype)
+        emb = self.embed_tokens(tokens).to(self.dtype)
         x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))[None]
         cos, sin = self.rotary(positions[None], x.dtype)
         out = self.layer.forward_segments(x, cos, sin, segments)
@@ -138,7 +146,7 @@ class EagleDrafter(nn.Module):
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[.., H] -> [.., V_draft] float logits (V_draft = vocab size without a reduced vocabulary)."""
         head = self.lm_head if self.lm_head is not None else self.verifier_lm_head
-        dtype = head.weight.dtype if isinstance(head, nn.Linear) else self.fc.weight.dtype  # Int8Linear: bf16 in
+        dtype = head.weight.dtype if isinstance(head, nn.Linear) else self.dtype  # Int8Linear: bf16 in
         return head(features.to(dtype)).float()
 
     def to_token_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
@@ -149,13 +157,13 @@ INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations a
 
 
 def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
-    """In place, for serving: the decoder layer's seven projections and the drafter's own draft head
-    become weight-only int8 (taps.models.quant); fc, norms, activations and the KV cache are bf16. A
+    """In place, for serving: fc, the decoder layer's seven projections and the drafter's own draft head
+    become weight-only int8 (taps.models.quant); norms, activations and the KV cache are bf16. A
     full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
     from taps.models.quant import quantize_linears
 
     drafter.to(torch.bfloat16)
-    names = [f"layer.self_attn.{p}_proj" for p in "qkvo"] + [f"layer.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    names = ["fc"] + [f"layer.self_attn.{p}_proj" for p in "qkvo"] + [f"layer.mlp.{p}_proj" for p in ("gate", "up", "down")]
     return quantize_linears(drafter, names + (["lm_head"] if drafter.lm_head is not None else []), torch.bfloat16)
 
 
@@ -174,7 +182,7 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
     out = EagleDrafter(cfg, drafter.embed_tokens, drafter.verifier_lm_head)
     state = {k: v for k, v in drafter.state_dict().items() if not k.startswith(("lm_head", "d2t"))}
     out.load_state_dict(state, strict=False)
-    p = drafter.fc.weight
+    p = drafter.layer.input_layernorm.weight
     out = out.to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
         full = drafter.lm_head.weight if drafter.lm_head is not None else drafter.verifier_lm_head.weight

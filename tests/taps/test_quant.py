@@ -53,7 +53,7 @@ def test_int8_drafter_drafts_the_bf16_drafters_tokens_and_keeps_the_output_exact
     d8 = build_drafter(spec, v, dtype="int8")
     d16 = build_drafter(spec, v, dtype=torch.bfloat16)
     assert isinstance(d8.layer.mlp.up_proj, Int8Linear) and isinstance(d8.layer.self_attn.q_proj, Int8Linear)
-    assert d8.fc.weight.dtype == torch.bfloat16  # activations and the KV cache stay bf16
+    assert isinstance(d8.fc, Int8Linear) and d8.dtype == torch.bfloat16  # activations and the KV cache: bf16
     tree = TreeConfig(depth=4, top_k=3, total_tokens=12)
     same = total = 0
     gen = torch.Generator().manual_seed(1)
