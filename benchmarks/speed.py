@@ -206,7 +206,9 @@ def build(configs: list[Config], args, verifiers: dict):
 
     vrunners = {fast: VerifierRunner(v.model, max_len=args.max_len) for fast, v in verifiers.items()}
     runner_sets: dict[tuple, dict] = {}
-    names = [d.strip() for d in args.drafters.split(",") if d.strip()]
+    specs = [d.strip() for d in args.drafters.split(",") if d.strip()]  # NAME or NAME=PATH
+    where = {s.split("=", 1)[0]: s for s in specs}
+    names = list(where)
     default_names = list(names)
     for c in configs:  # drafters named by configurations are loaded too
         extra = (c.drafters or []) + ([c.strategy.split(":", 1)[1]] if c.strategy.startswith("single:") else [])
@@ -219,7 +221,7 @@ def build(configs: list[Config], args, verifiers: dict):
                 if is_lookup(n):
                     out[n] = PromptLookupRunner(n)
                     continue
-                d = build_drafter(resolve_drafter(n, None, allow_random=False), verifiers[fast], seed=i,
+                d = build_drafter(resolve_drafter(where.get(n, n), None, allow_random=False), verifiers[fast], seed=i,
                                   dtype=drafter_dtype)
                 out[n] = DrafterRunner(d, max_len=args.max_len + 256, name=n)
             runner_sets[(drafter_dtype, fast)] = out
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", action="append", default=None,
                     help="JSONL prompt files (default: eval/prompts/gsm_symbolic.jsonl and mtbench.jsonl)")
     ap.add_argument("--configs", default="none,merged,merged@auto,confidence,confidence@auto")
-    ap.add_argument("--drafters", default="math,chat")
+    ap.add_argument("--drafters", default="math,chat", help="comma list of drafter names or NAME=PATH (default: math,chat)")
     ap.add_argument("--limit", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=2048)

@@ -170,9 +170,11 @@ def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
 def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:
     """A copy of `drafter` whose head covers only `token_ids` ([V_draft], e.g. the most frequent tokens).
 
-    For a full-vocabulary drafter the new head is the verifier's lm_head rows for those tokens,
-    so the draft distribution is the old one restricted to them and renormalised: the top-k
-    choices are unchanged whenever they fall inside the reduced vocabulary.
+    For a full-vocabulary or "verifier-rows" drafter the new head is the verifier's lm_head rows for
+    those tokens (the set may also grow: the rows are frozen verifier rows, never trained), so the
+    draft distribution is the full one restricted to them and renormalised: the top-k choices are
+    unchanged whenever they fall inside the new vocabulary. A drafter with its own trained head can
+    only shrink.
     """
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if token_ids.unique().numel() != token_ids.numel():
@@ -186,7 +188,10 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
     out = out.to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
         full = drafter.lm_head.weight if drafter.lm_head is not None else drafter.verifier_lm_head.weight
-        if drafter.d2t is not None:  # map token ids back to rows of an already reduced head
+        if head == "verifier-rows":  # the head is the verifier's rows: any token set, larger or smaller
+            full = drafter.verifier_lm_head.weight
+            rows = token_ids.to(full.device)
+        elif drafter.d2t is not None:  # map token ids back to rows of an already reduced (trained) head
             row_of = {int(t): i for i, t in enumerate(drafter.d2t.tolist())}
             if any(int(t) not in row_of for t in token_ids):
                 raise ValueError("a reduced head can only shrink: some token ids are not in the current draft vocabulary")

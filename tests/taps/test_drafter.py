@@ -48,3 +48,20 @@ def test_verifier_rows_head_is_not_saved_and_rebuilt_on_load(tmp_path):
     assert "lm_head.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
     back = load_drafter(tmp_path / "d", v)
     assert torch.equal(back.lm_head.weight, v.model.lm_head.weight[[5, 1, 77, 30, 2]])
+
+
+def test_verifier_rows_head_can_grow_back_to_the_full_drafters_choices(tmp_path):
+    """A verifier-rows head is the verifier's frozen rows, so its vocabulary can be resized either way
+    (training.reduce_vocab --size, the draft-vocabulary sizing study): growing a small map back to one
+    that holds every token the full drafter proposes gives the full drafter's tree again."""
+    v = _verifier(tmp_path)
+    full = new_drafter("math", v, seed=1)
+    cfg = TreeConfig(depth=3, top_k=2, total_tokens=7)
+    tokens, hidden = torch.tensor([4, 8, 15, 16]), torch.randn(4, 32)
+    tree_full = DrafterRunner(full).draft("r", tokens, hidden, cfg)
+    small = with_reduced_vocab(full, torch.tensor([5, 1, 77, 30, 2]))
+    keep = torch.unique(torch.cat([tree_full.tokens[1:], torch.arange(0, 97, 3)]))
+    grown = with_reduced_vocab(small, keep)
+    assert torch.equal(grown.lm_head.weight, v.model.lm_head.weight[keep])
+    tree = DrafterRunner(grown).draft("r", tokens, hidden, cfg)
+    assert torch.equal(tree.tokens, tree_full.tokens) and torch.equal(tree.parents, tree_full.parents)
