@@ -69,15 +69,10 @@ def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, 
     return CostTable(list(sizes), out)
 
 
-_FLUSH: list[torch.Tensor] = []
-
-
-def flush_caches(nbytes: int = 96 << 20) -> None:
-    """Touch `nbytes` (more than a server CPU's last-level cache), as the verifier's forward does
+def flush_caches(buffer: torch.Tensor) -> None:
+    """Touch `buffer` (more bytes than a server CPU's last-level cache), as the verifier's forward does
     between two draft calls in serving: the drafter then reads its weights from memory, as it will."""
-    if not _FLUSH or _FLUSH[0].numel() != nbytes:
-        _FLUSH[:] = [torch.zeros(nbytes, dtype=torch.uint8)]
-    _FLUSH[0].add_(1)
+    buffer.add_(1)
 
 
 @torch.inference_mode()
@@ -92,9 +87,10 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
     runner.draft("cost", 3 + torch.arange(prefix) % (vocab - 3),
                  torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
     times = []
+    buffer = torch.zeros(96 << 20, dtype=torch.uint8) if flush else None  # freed on return
     for i in range(repeats + 1):
-        if flush:
-            flush_caches()
+        if buffer is not None:
+            flush_caches(buffer)
         t0 = clock()
         runner.draft("cost", torch.tensor([(5 + i) % vocab]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
         times.append(clock() - t0)
