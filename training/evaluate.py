@@ -196,7 +196,16 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
                   + (f", {tr['train_time_s']} s of training in all sessions" if tr.get("train_time_s") else ""),
                   f"- final loss {tr.get('final_loss')}, top-1 agreement with the verifier on training positions "
                   f"{tr.get('final_acc')}"]
-    agree = Path(__file__).resolve().parents[1] / "docs" / "results" / f"agreement_{name}.json"
+    results_dir = Path(__file__).resolve().parents[1] / "docs" / "results"
+    held = []  # training.curve --agreement over every shipped drafter, per dev domain
+    for f in sorted(results_dir.glob("agreement_all_*.json")):
+        a = json.loads(f.read_text())
+        if name in a.get("top1_agreement", {}):
+            held.append(f"{a['domain']} {a['top1_agreement'][name]:.3f} ({a['positions']} positions)")
+    if held:
+        lines.append("- top-1 agreement with the verifier on held-out self-distilled text (its greedy answers to "
+                     "the dev-slice prompts of each domain, docs/results/agreement_all_*.json): " + ", ".join(held))
+    agree = results_dir / f"agreement_{name}.json"
     if agree.exists():  # training.curve --agreement, written when the drafter shipped
         a = json.loads(agree.read_text())
         lines.append(f"- top-1 agreement with the verifier on held-out self-distilled text (its greedy answers to "
