@@ -43,21 +43,31 @@ python -m training.distill --input runs/data/math.jsonl --output runs/data/math_
   --max-new-tokens 256 --batch-size 16 --threads 1 --offset "$MATH_N" --limit "$MATH_MORE_N"
 python -m training.distill --input runs/data/code_first.jsonl --output runs/data/code_more_distilled.jsonl \
   --max-new-tokens 192 --batch-size 16 --threads 1 --offset "$CODE_N" --limit "$CODE_MORE_N"
-# the big recipe (math_big_eagle2, chat_big_eagle2; issue 18): up to 12,000 math conversations and every
-# non-code ShareGPT training conversation's first exchange (9,023), distilled at batch 64 (1 thread: 1.3-1.8 math and
-# 0.8-0.9 chat conversations/s on the 2-core EPYC while the other core worked); BIG_MATH_N / BIG_CHAT_N cap them.
-# Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
+# the big recipe (math_big_eagle2, chat_big_eagle2; issue 18): math conversations and non-code ShareGPT training
+# conversations' first exchanges, distilled at batch 64 (1 thread: 1.3-2.3 math and 0.75-1.05 chat conversations/s on
+# the 2-core EPYC while the other core worked). A first file each holds what the shipped drafters were trained on
+# (BIG_MATH_N=3840, BIG_CHAT_N=2304); a second file each (*_big2_*) continues toward 12,000 math and all 9,023 chat
+# exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
 if [[ " ${CONFIGS[*]} " == *_big_* ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
     [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
     python -m training.data.first_turns runs/data/chat_big.jsonl runs/data/chat_big_first.jsonl --max-prompt-chars 2000
   fi
+  BIG_MATH_N=${BIG_MATH_N:-3840}
+  BIG_CHAT_N=${BIG_CHAT_N:-2304}
   python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_big_distilled.jsonl \
-    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit "${BIG_MATH_N:-12000}" &
+    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit "$BIG_MATH_N" &
   python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big_distilled.jsonl \
-    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --limit "${BIG_CHAT_N:-9023}" &
+    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --limit "$BIG_CHAT_N" &
   wait
+  if [ "${BIG_MORE:-0}" = 1 ]; then  # the second files: BIG_MORE=1 bash scripts/train_drafters.sh math_big_eagle2 ...
+    python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_big2_distilled.jsonl \
+      --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --offset "$BIG_MATH_N" --limit $((12000 - BIG_MATH_N)) &
+    python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big2_distilled.jsonl \
+      --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset "$BIG_CHAT_N" --limit $((9023 - BIG_CHAT_N)) &
+    wait
+  fi
   [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \
     --data runs/data/math_big_distilled.jsonl runs/data/chat_big_distilled.jsonl --map-out runs/vocab/big-8192.json
 fi
