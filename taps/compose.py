@@ -74,29 +74,42 @@ def parse_strategy(spec: str, drafters: list[str] | tuple[str, ...], available: 
 
 
 def merge_trees(trees: list[DraftTree]) -> DraftTree:
-    """Pack trees that share a root into one tree; `source` records each node's tree index."""
+    """Pack trees that share a root into one tree, as a trie: a node whose token sequence from the root
+    another tree already holds (same merged parent, same token) is that node, not a copy, so each path
+    of tokens is verified once and continues with the children of every drafter that proposed it.
+    `source` records the first tree that proposed each node.
+
+    Greedy acceptance follows the first child that matches the verifier's token; with copies, a path
+    both drafters began could only continue in the first drafter's subtree (measured on MT-Bench:
+    merged 1.85 against single:chat 1.94). The verified token paths are the same set either way, so
+    the output is unchanged (lossless); only fewer nodes are verified and more can be accepted."""
     if not trees:
         raise ValueError("merge_trees needs at least one tree")
     root = trees[0].root
     if any(t.root != root for t in trees):
         raise ValueError("trees to merge must share the root token")
-    t0 = trees[0]
-    tokens, parents, depths = [t0.tokens[:1]], [t0.parents[:1]], [t0.depths[:1]]
-    scores, ents, source = [t0.scores[:1]], [t0.entropies[:1]], [torch.zeros(1, dtype=torch.long)]
-    offset = 0  # merged index of a tree's node i (i >= 1) is offset + i
+    tokens, parents, depths, scores, ents, source = [root], [-1], [0], [0.0], [0.0], [0]
+    index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
     for s, t in enumerate(trees):
-        p = t.parents[1:]
-        # children of the root stay children of 0; others shift with their subtree
-        parents.append(torch.where(p == 0, p, p + offset))
-        tokens.append(t.tokens[1:])
-        depths.append(t.depths[1:])
-        scores.append(t.scores[1:])
-        ents.append(t.entropies[1:])
-        source.append(torch.full((t.size - 1,), s, dtype=torch.long))
-        offset += t.size - 1
+        where = [0]  # node i of tree s -> merged node (parents come before children)
+        tt, pp, dd = t.tokens.tolist(), t.parents.tolist(), t.depths.tolist()
+        sc, en = t.scores.tolist(), t.entropies.tolist()
+        for i in range(1, t.size):
+            key = (where[pp[i]], tt[i])
+            j = index.get(key)
+            if j is None:
+                j = index[key] = len(tokens)
+                tokens.append(tt[i])
+                parents.append(key[0])
+                depths.append(dd[i])
+                scores.append(sc[i])
+                ents.append(en[i])
+                source.append(s)
+            where.append(j)
     names = tuple(t.drafters[0] if t.drafters else str(i) for i, t in enumerate(trees))
-    return DraftTree(torch.cat(tokens), torch.cat(parents), torch.cat(depths), torch.cat(scores),
-                     torch.cat(ents), torch.cat(source), names)
+    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return DraftTree(long(tokens), long(parents), long(depths), torch.tensor(scores, dtype=torch.float32),
+                     torch.tensor(ents, dtype=torch.float32), long(source), names)
 
 
 def route(kind: str, trees: list[DraftTree]) -> int:

@@ -173,8 +173,8 @@ class Decoding:
             names = tree.drafters
             if self._winner is not None:
                 winner = names[0] if len(names) == 1 else names[self._winner]
-            else:  # merged: the subtree the accepted path came from (ties: first listed)
-                src = int(tree.source[result.accepted_nodes[1]]) if result.accept_length else 0
+            else:  # merged: the drafter that proposed the deepest accepted node (shared nodes: first listed)
+                src = int(tree.source[result.accepted_nodes[-1]]) if result.accept_length else 0
                 winner = names[src]
         kept = self._emit(result.tokens, result.logprobs)
         accepted = min(result.accept_length, len(kept))

@@ -151,12 +151,22 @@ def test_merged_tree_logits_equal_standalone_verification(tiny):
     toks = torch.tensor(prompt[1:] + [pre.root])
     cfg = TreeConfig(depth=3, top_k=3, total_tokens=10)
     trees = [runner_a.draft("r", toks, pre.hidden, cfg), runner_b.draft("r", toks, pre.hidden, cfg)]
-    trees.append(trees[0])  # a duplicate subtree: identical tokens in two subtrees
+    trees.append(trees[0])  # a duplicate subtree: the trie verifies its token paths once
     merged = merge_trees(trees)
+    assert merged.size <= trees[0].size + trees[1].size - 1
+
+    def token_paths(t):  # node -> its tokens from the root
+        toks, par, out = t.tokens.tolist(), t.parents.tolist(), [()]
+        for j in range(1, t.size):
+            out.append(out[par[j]] + (toks[j],))
+        return out
+
+    node_of = {path: j for j, path in enumerate(token_paths(merged))}
+    assert len(node_of) == merged.size  # every path once
     merged_logits = _score_alone(tiny, prompt, merged)
     for i, t in enumerate(trees):
         alone = _score_alone(tiny, prompt, t)
-        idx = [0] + [j for j in range(1, merged.size) if int(merged.source[j]) == i]
+        idx = [node_of[path] for path in token_paths(t)]  # the merged node of each of the tree's nodes
         assert torch.allclose(merged_logits[idx], alone, atol=1e-9), i
 
 

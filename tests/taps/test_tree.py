@@ -72,6 +72,43 @@ def test_merge_n_trees_and_shared_root_required():
         merge_trees([tree([1, 2], [-1, 0]), tree([2, 3], [-1, 0])])
 
 
+def test_merge_is_a_trie_shared_prefixes_are_one_node_with_every_drafters_children():
+    # both drafters propose 1 -> ...: one node 1, whose children are 2 (math) and 7 (chat); chat's 1 -> 7 -> 8
+    # continues below the shared node, and its other root child 3 stays
+    a = tree([5, 1, 2], [-1, 0, 1], name="math")
+    b = tree([5, 1, 3, 7, 8], [-1, 0, 0, 1, 3], name="chat")
+    m = merge_trees([a, b])
+    m.validate()
+    assert m.tokens.tolist() == [5, 1, 2, 3, 7, 8]
+    assert m.parents.tolist() == [-1, 0, 1, 0, 1, 4]
+    assert m.source.tolist() == [0, 0, 0, 1, 1, 1]
+    # every token path of either tree is a path of the merged tree, once
+    def paths(t):
+        toks, par = t.tokens.tolist(), t.parents.tolist()
+        out = set()
+        for i in range(1, t.size):
+            p, j = [], i
+            while j > 0:
+                p.append(toks[j])
+                j = par[j]
+            out.add(tuple(reversed(p)))
+        return out
+    assert paths(m) == paths(a) | paths(b) and len(paths(m)) == m.size - 1
+
+
+def test_greedy_acceptance_follows_the_second_drafters_continuation_of_a_shared_token():
+    """With copies, greedy acceptance takes the first matching child (math's 1, a dead end) and never
+    reaches chat's 1 -> 7 -> 8; the trie verifies 1 once and accepts 1, 7, 8."""
+    from taps.batching import VerifyBatch, accept_greedy_batch
+
+    a = tree([5, 1, 2], [-1, 0, 1], name="math")
+    b = tree([5, 1, 7, 8], [-1, 0, 1, 2], name="chat")
+    m = merge_trees([a, b])
+    target = {5: 1, 1: 7, 7: 8, 8: 9, 2: 0}  # the verifier's next token after each node's token
+    acc = accept_greedy_batch(VerifyBatch.from_trees([m]), torch.tensor([target[t] for t in m.tokens.tolist()]))
+    assert [m.tokens[i].item() for i in acc.paths[0]] == [5, 1, 7, 8] and acc.bonus == [9]
+
+
 def test_routing_confidence_and_entropy_with_ties_to_first():
     lo = tree([1, 2, 3], [-1, 0, 1], scores=[0, -3.0, -4.0], ents=[0, 1.0, 1.0], name="lo")
     hi = tree([1, 4, 5], [-1, 0, 1], scores=[0, -0.1, -0.2], ents=[0, 3.0, 3.0], name="hi")
