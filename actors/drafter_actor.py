@@ -28,7 +28,7 @@ import torch
 from actors.grpc_server import serve_drafter
 from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import INT8, sha256_dir
+from taps.models.drafter import compute_dtype, sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
 from taps.runtime import (build_drafter, fastest_drafter_dtype, parse_drafter_dtype, parse_dtype, resolve_drafter,
                           resolve_dtype)
@@ -60,11 +60,11 @@ class DrafterActor:
             ddt = parse_drafter_dtype(drafter_dtype)
             if ddt == "auto":
                 ddt = fastest_drafter_dtype(spec, parts, expected_sha256=expected_sha256)
-            compute = torch.bfloat16 if ddt == INT8 else ddt  # int8 weight-only linears compute in bf16
+            compute = compute_dtype(ddt)
             if compute is not None and compute != parts_dtype:  # read the parts in the drafter's dtype: no second copy
                 del parts
                 parts = load_verifier_parts(verifier, dtype=compute, device=device)
-            drafter = build_drafter(spec, parts, expected_sha256=expected_sha256, dtype=INT8 if ddt == INT8 else None)
+            drafter = build_drafter(spec, parts, expected_sha256=expected_sha256, dtype=ddt)
             self.checkpoint = str(spec.checkpoint) if spec.checkpoint else ""
             self.sha256 = sha256_dir(spec.checkpoint) if spec.checkpoint else ""
             self.runner = DrafterRunner(drafter, max_len=max_len + 512, name=name)

@@ -287,7 +287,7 @@ def fp32_gap(model, prompt_ids: list[int], a: list[int], b: list[int]) -> float:
 
 # ---------------------------------------------------------------------------------------- cost model
 def cost_report(args) -> int:
-    from taps.costmodel import measure_drafter, measure_verifier
+    from taps.costmodel import dtype_name, measure_drafter, measure_verifier
     from taps.drafting import DrafterRunner
     from taps.models.quant import int8_supported
     from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
@@ -308,7 +308,7 @@ def cost_report(args) -> int:
         for ddt in (torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ()):
             d = build_drafter(resolve_drafter(entry, None, allow_random=False), v, dtype=ddt)
             r = DrafterRunner(d, max_len=1024, name=name)
-            dr[str(ddt).split(".")[-1]] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5, flush=True)
+            dr[dtype_name(ddt)] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5, flush=True)
                                            for t in trees]
         out[dt] = (vt, dr)
         print(f"\nverifier {dt} ({clock}, {torch.get_num_threads()} threads, 128-token prefix): ms per forward")

@@ -69,17 +69,12 @@ def measure_verifier(model: Llama, sizes=(1, 8, 16, 32, 64), prefix: int = 128, 
     return CostTable(list(sizes), out)
 
 
-def flush_caches(buffer: torch.Tensor) -> None:
-    """Touch `buffer` (more bytes than a server CPU's last-level cache), as the verifier's forward does
-    between two draft calls in serving: the drafter then reads its weights from memory, as it will."""
-    buffer.add_(1)
-
-
 @torch.inference_mode()
 def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, prefix: int = 128,
                     repeats: int = 5, flush: bool = False) -> float:
     """Median seconds of one `draft` call (one new pair + growing a tree) after a prefix; `flush`:
-    the CPU caches are flushed before each call (flush_caches), the serving regime."""
+    before each call a buffer larger than a server CPU's last-level cache is written, as the verifier's
+    forward does between two draft calls in serving: the drafter then reads its weights from memory."""
     drafter = getattr(runner, "drafter", None)  # None: a weightless drafter (prompt lookup)
     device = drafter.device if drafter is not None else torch.device("cpu")
     dtype = drafter.dtype if drafter is not None else torch.float32
@@ -87,10 +82,10 @@ def measure_drafter(runner: DrafterRunner, hidden_size: int, tree: TreeConfig, p
     runner.draft("cost", 3 + torch.arange(prefix) % (vocab - 3),
                  torch.randn(prefix, hidden_size, dtype=dtype, device=device), tree)
     times = []
-    buffer = torch.zeros(96 << 20, dtype=torch.uint8) if flush else None  # freed on return
+    buffer = torch.empty(96 << 20, dtype=torch.uint8) if flush else None  # freed on return
     for i in range(repeats + 1):
         if buffer is not None:
-            flush_caches(buffer)
+            buffer.add_(1)
         t0 = clock()
         runner.draft("cost", torch.tensor([(5 + i) % vocab]), torch.randn(1, hidden_size, dtype=dtype, device=device), tree)
         times.append(clock() - t0)

@@ -13,7 +13,7 @@ from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_dr
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import INT8, EagleDrafter, load_drafter, new_drafter, quantize_int8
+from taps.models.drafter import INT8, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
 from taps.models.loading import Verifier, VerifierParts, load_verifier
 from taps.models.quant import int8_supported
 from taps.verify import VerifierRunner
@@ -93,9 +93,7 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
     linears with bf16 activations). It never changes the output."""
     if dtype == "auto":
         dtype = fastest_drafter_dtype(spec, verifier, seed=seed, expected_sha256=expected_sha256)
-    quant = dtype == INT8
-    if quant:
-        dtype = torch.bfloat16
+    quant, dtype = dtype == INT8, compute_dtype(dtype)
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)

@@ -39,3 +39,11 @@ def greedy_reference(model: Llama, prompt: list[int], n: int, eos=()) -> list[in
             if nxt in eos:
                 break
     return out
+
+
+def token_paths(tree) -> list[tuple[int, ...]]:
+    """Node i of a DraftTree -> the draft tokens from the root to i (the root's path is ())."""
+    toks, par, out = tree.tokens.tolist(), tree.parents.tolist(), [()]
+    for j in range(1, tree.size):
+        out.append(out[par[j]] + (toks[j],))
+    return out

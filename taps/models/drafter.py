@@ -156,6 +156,11 @@ class EagleDrafter(nn.Module):
 INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations and KV cache (taps.models.quant)
 
 
+def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The activation dtype of a drafter dtype option (INT8 computes in bf16; None stays None)."""
+    return torch.bfloat16 if dtype == INT8 else dtype
+
+
 def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
     """In place, for serving: fc, the decoder layer's seven projections and the drafter's own draft head
     become weight-only int8 (taps.models.quant); norms, activations and the KV cache are bf16. A

@@ -12,7 +12,7 @@ from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.models.drafter import DrafterMismatchError
 from taps.models.llama import causal_mask
-from tests.support import greedy_reference, random_drafter, random_llama, tiny_config
+from tests.support import greedy_reference, random_drafter, random_llama, tiny_config, token_paths
 from taps.tree import DraftTree
 from taps.batching import VerifyBatch, accept_greedy_batch, gumbel_targets
 from taps.verify import ContextOverflowError, VerifierRunner
@@ -154,12 +154,6 @@ def test_merged_tree_logits_equal_standalone_verification(tiny):
     trees.append(trees[0])  # a duplicate subtree: the trie verifies its token paths once
     merged = merge_trees(trees)
     assert merged.size <= trees[0].size + trees[1].size - 1
-
-    def token_paths(t):  # node -> its tokens from the root
-        toks, par, out = t.tokens.tolist(), t.parents.tolist(), [()]
-        for j in range(1, t.size):
-            out.append(out[par[j]] + (toks[j],))
-        return out
 
     node_of = {path: j for j, path in enumerate(token_paths(merged))}
     assert len(node_of) == merged.size  # every path once

@@ -83,17 +83,9 @@ def test_merge_is_a_trie_shared_prefixes_are_one_node_with_every_drafters_childr
     assert m.parents.tolist() == [-1, 0, 1, 0, 1, 4]
     assert m.source.tolist() == [0, 0, 0, 1, 1, 1]
     # every token path of either tree is a path of the merged tree, once
-    def paths(t):
-        toks, par = t.tokens.tolist(), t.parents.tolist()
-        out = set()
-        for i in range(1, t.size):
-            p, j = [], i
-            while j > 0:
-                p.append(toks[j])
-                j = par[j]
-            out.add(tuple(reversed(p)))
-        return out
-    assert paths(m) == paths(a) | paths(b) and len(paths(m)) == m.size - 1
+    from tests.support import token_paths
+
+    assert set(token_paths(m)) == set(token_paths(a)) | set(token_paths(b)) and len(set(token_paths(m))) == m.size
 
 
 def test_greedy_acceptance_follows_the_second_drafters_continuation_of_a_shared_token():
