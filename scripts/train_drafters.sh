@@ -46,9 +46,10 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 # the big recipe (math_big_eagle2, chat_big_eagle2; issue 18): math conversations and non-code ShareGPT training
 # conversations' first exchanges, distilled at batch 64 (1 thread: 1.3-2.3 math and 0.75-1.05 chat conversations/s on
 # the 2-core EPYC while the other core worked). A first file each holds what the shipped drafters were trained on
-# (BIG_MATH_N=3840, BIG_CHAT_N=2304); a second file each (*_big2_*) continues toward 12,000 math and all 9,023 chat
-# exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
-if [[ " ${CONFIGS[*]} " == *_big_* ]]; then
+# (BIG_MATH_N=3840, BIG_CHAT_N=2304); a second file each (*_big2_*, and chat_big3) continues toward 12,000 math and
+# all 9,023 chat exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
+[[ " ${CONFIGS[*]} " == *_big2_* ]] && BIG_MORE=${BIG_MORE:-1}  # chat_big2_eagle2 trains on the second files
+if [[ " ${CONFIGS[*]} " == *_big_* || " ${CONFIGS[*]} " == *_big2_* ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
     [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
@@ -64,8 +65,17 @@ if [[ " ${CONFIGS[*]} " == *_big_* ]]; then
   if [ "${BIG_MORE:-0}" = 1 ]; then  # the second files: BIG_MORE=1 bash scripts/train_drafters.sh math_big_eagle2 ...
     python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_big2_distilled.jsonl \
       --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --offset "$BIG_MATH_N" --limit $((12000 - BIG_MATH_N)) &
+    # chat, the slower one, in two ranges (exchanges BIG_CHAT_N..5999 and 6000..9022) so both cores can work on it
     python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big2_distilled.jsonl \
-      --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset "$BIG_CHAT_N" --limit $((9023 - BIG_CHAT_N)) &
+      --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset "$BIG_CHAT_N" --limit $((6000 - BIG_CHAT_N)) &
+    python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big3_distilled.jsonl \
+      --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset 6000 --limit 3023 &
+    wait
+    # their features, one file per core (chat_big2_eagle2 names these directories; done ones are skipped)
+    for f in chat_big2 chat_big3; do
+      python -m training.prepare --conversations "runs/data/${f}_distilled.jsonl" --features "runs/features/$f" \
+        --max-len 384 --threads 1 &
+    done
     wait
   fi
   [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \

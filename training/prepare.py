@@ -103,3 +103,34 @@ def make_tiny_workspace(root: str | Path, n: int = 24, seed: int = 0) -> Path:
             {"role": "assistant", "content": f"We add {a} and {b}: {a} + {b} = {a + b}. The answer is {a + b}."}]})
     write_conversations(base / "conversations.jsonl", convs)
     return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Extract one conversation file's features ahead of training (resumable), e.g. one file per core:
+    `python -m training.prepare --conversations runs/data/chat_big2_distilled.jsonl --features
+    runs/features/chat_big2 --threads 1`. A training config naming the same pair then skips extraction."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(prog="python -m training.prepare", description=main.__doc__)
+    ap.add_argument("--conversations", nargs="+", required=True, help="jsonl conversation files")
+    ap.add_argument("--features", required=True, help="feature directory to write (skipped when complete)")
+    ap.add_argument("--verifier", default="default", help="verifier name or path (default: the packaged one)")
+    ap.add_argument("--max-len", type=int, default=384, help="tokens per conversation (the training config's max_len)")
+    ap.add_argument("--limit", type=int, default=None, help="first N conversations only")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from taps.models.loading import load_verifier
+
+    verifier = load_verifier(args.verifier, dtype=torch.bfloat16)
+    out = prepare_features(verifier, args.conversations, args.features, args.max_len, limit=args.limit)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

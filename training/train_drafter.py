@@ -531,7 +531,7 @@ def prepare(cfg: TrainConfig) -> None:
         missing = [p for p in cfg.data.features if not (Path(p) / "manifest.json").exists()]
         if missing and not cfg.data.conversations:
             raise TrainConfigError(f"feature directories {missing} are missing or incomplete "
-                                   f"(extract them with training/features.py or give data.conversations)")
+                                   f"(extract them with `python -m training.prepare` or give data.conversations)")
         if not missing:
             return
     paired = len(cfg.data.conversations) == len(cfg.data.features) > 1 and not cfg.data.limit

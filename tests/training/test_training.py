@@ -420,6 +420,25 @@ def test_features_extracted_per_conversation_file(tmp_path):
     assert json.loads((root / "fb/manifest.json").read_text())["sequences"] == 2
 
 
+def test_prepare_cli_extracts_ahead_of_training(tmp_path):
+    """`python -m training.prepare` writes the directory a config names; training then extracts nothing."""
+    from training.prepare import main as prepare_main
+    from training.train_drafter import TrainConfig, prepare
+
+    root = _workspace(tmp_path)
+    lines = (root / "runs/tiny/conversations.jsonl").read_text().splitlines(keepends=True)
+    (root / "b.jsonl").write_text("".join(lines[:4]))
+    cfg = TrainConfig.load(ROOT / "training/configs/tiny.yaml", root)
+    assert prepare_main(["--conversations", str(root / "b.jsonl"), "--features", str(root / "fb"), "--verifier",
+                         str(root / "runs/tiny/verifier"), "--max-len", str(cfg.max_len), "--threads", "1"]) == 0
+    manifest = (root / "fb/manifest.json").read_bytes()
+    assert json.loads(manifest)["sequences"] == 4
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": {"conversations": [str(root / "b.jsonl")],
+                                                           "features": [str(root / "fb")]}})
+    prepare(cfg)
+    assert (root / "fb/manifest.json").read_bytes() == manifest  # found complete, not extracted again
+
+
 def test_bad_configs_fail_clearly(tmp_path):
     import yaml
 
