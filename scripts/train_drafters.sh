@@ -48,7 +48,7 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 # the 2-core EPYC while the other core worked). A first file each holds what the shipped drafters were trained on
 # (BIG_MATH_N=3840, BIG_CHAT_N=2304); a second file each (*_big2_*, and chat_big3) continues toward 12,000 math and
 # all 9,023 chat exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
-[[ " ${CONFIGS[*]} " == *_big2_* ]] && BIG_MORE=${BIG_MORE:-1}  # chat_big2_eagle2 trains on the second files
+if [[ " ${CONFIGS[*]} " == *_big2_* ]]; then BIG_MORE=${BIG_MORE:-1}; fi  # {chat,math}_big2_eagle2 train on the second files
 if [[ " ${CONFIGS[*]} " == *_big_* || " ${CONFIGS[*]} " == *_big2_* ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
@@ -71,10 +71,14 @@ if [[ " ${CONFIGS[*]} " == *_big_* || " ${CONFIGS[*]} " == *_big2_* ]]; then
     python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_big3_distilled.jsonl \
       --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset 6000 --limit 3023 &
     wait
-    # their features, one file per core (chat_big2_eagle2 names these directories; done ones are skipped)
-    for f in chat_big2 chat_big3; do
-      python -m training.prepare --conversations "runs/data/${f}_distilled.jsonl" --features "runs/features/$f" \
+    # math_big2_eagle2's files: the 1,280 math conversations past math_big's features, the first 2,560 of the second
+    [ -f runs/data/math_big_b.jsonl ] || sed -n 2561,3840p runs/data/math_big_distilled.jsonl > runs/data/math_big_b.jsonl
+    [ -f runs/data/math_big2_part1.jsonl ] || head -2560 runs/data/math_big2_distilled.jsonl > runs/data/math_big2_part1.jsonl
+    # their features, one file per core (chat_big2_eagle2 / math_big2_eagle2 name these directories; done ones are skipped)
+    for f in chat_big2_distilled:chat_big2 chat_big3_distilled:chat_big3 math_big_b:math_big_b math_big2_part1:math_big2_part1; do
+      python -m training.prepare --conversations "runs/data/${f%%:*}.jsonl" --features "runs/features/${f##*:}" \
         --max-len 384 --threads 1 &
+      if [ "$f" = chat_big3_distilled:chat_big3 ]; then wait; fi  # two at a time
     done
     wait
   fi
