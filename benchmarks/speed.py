@@ -15,6 +15,7 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
 
     merged                 the engine defaults (fixed tree depth 5 / top-k 4 / 16 nodes per drafter)
     merged@auto            adaptive tree size from the start-up cost model (taps.adaptive)
+    merged@auto+shared     ... with one arm estimate for all requests (the policy before per-request arms)
     merged@bf16            drafters computed in bfloat16 (never affects the output)
     merged@int8            drafters with int8 weight-only linears, bf16 activations (taps.models.quant; never
                            affects the output)
@@ -156,6 +157,7 @@ class Config:
     drafter_dtype: object = None  # None: the verifier's; torch.bfloat16 (@bf16) or "int8" (@int8)
     fast: bool = False
     tree: TreeConfig | None = None
+    shared: bool = False  # @shared: the auto policy keeps one estimate for all requests
     drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
     engine: object = None
     parsed: object = None  # the Strategy
@@ -176,6 +178,8 @@ def parse_config(spec: str) -> Config:
             c.drafter_dtype = "int8"
         elif o == "fast":
             c.fast = True
+        elif o == "shared":  # --tree auto with one arm estimate for all requests (before per-request arms)
+            c.shared = True
         elif o.startswith("d="):
             c.drafters = o[2:].split("/")
         elif o.startswith("t="):
@@ -242,7 +246,7 @@ def build(configs: list[Config], args, verifiers: dict):
 
             t0 = time.perf_counter()
             eng.policies[strat.name] = auto_policy(verifier.model, [rs[d] for d in strat.drafters], strat,
-                                                   memo=memo)
+                                                   memo=memo, per_request=not c.shared)
             print(f"[{c.spec}] cost model measured in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         c.engine = eng
     return vrunners

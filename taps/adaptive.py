@@ -20,13 +20,20 @@ learns whether merging pays or one drafter's tree does, instead of paying every 
 step. (Measured in docs/performance.md: it pays for merged with the lookup drafter; routed
 strategies already verify one tree, and solo arms there only added exploration, so they do not
 get them. The engine and the router run a plan for any strategy.)
+
+**Per request.** One policy serves every request of a strategy, and requests differ: the math-only arm
+that pays on a math prompt is the wrong arm on a chat prompt. Each decoding therefore carries its own
+`RequestArms` (`policy.request()`), and an arm's tokens per step for that request is the request's own
+mean shrunk toward the policy's mean over all requests, `(tokens_r + k * mean) / (steps_r + k)` with
+`k = request_prior` steps. A new request starts from what every request taught; after a few steps its
+own acceptance decides (docs/performance.md, Per-request arms).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from taps.config import TreeConfig
 
@@ -112,13 +119,31 @@ class _Arm:
         return self.draft_s + load.share(self.nodes)
 
 
+@dataclass
+class RequestArms:
+    """One request's own observations: per arm, steps and tokens emitted (owned by one decoding)."""
+
+    steps: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+
+    def add(self, config, emitted: float) -> None:
+        self.steps[config] = self.steps.get(config, 0) + 1
+        self.tokens[config] = self.tokens.get(config, 0.0) + emitted
+
+
 class TreePolicy:
-    """Thread-safe UCB1 over tree configurations, scored by tokens per second (load-aware)."""
+    """Thread-safe UCB1 over tree configurations, scored by tokens per second (load-aware); with a
+    request's `RequestArms`, tokens per step are that request's, shrunk toward all requests' mean."""
 
     def __init__(self, costs: dict[TreeConfig, float], warmup: int = 3, exploration: float = 0.5,
-                 online: bool = False, nodes: dict | None = None, draft_costs: dict | None = None):
+                 online: bool = False, nodes: dict | None = None, draft_costs: dict | None = None,
+                 request_prior: float = 2.0, per_request: bool = True):
         if not costs:
             raise ValueError("TreePolicy needs at least one candidate")
+        if request_prior <= 0:
+            raise ValueError(f"request_prior must be > 0 (steps of the all-request mean), got {request_prior}")
+        self.request_prior = request_prior
+        self.per_request = per_request  # False: one estimate for all requests (benchmarks compare both)
         nodes, draft_costs = nodes or {}, draft_costs or {}
         self.arms = [_Arm(cfg, c, nodes.get(cfg, 1), draft_costs.get(cfg, 0.0)) for cfg, c in costs.items()]
         self.warmup = warmup
@@ -135,8 +160,21 @@ class TreePolicy:
         return TreeConfig(depth=max(c.depth for c in trees), top_k=max(c.top_k for c in trees),
                           total_tokens=max(c.total_tokens for c in trees))
 
-    def choose(self, load=None) -> TreeConfig | None:
-        """The arm for the next step; `load` (taps.scheduler.Load or None) prices verifier rows."""
+    def request(self) -> RequestArms | None:
+        """Fresh per-request statistics for one decoding (pass them to choose / observe); None when the
+        policy keeps one estimate for all requests."""
+        return RequestArms() if self.per_request else None
+
+    def _tokens(self, a: _Arm, req: RequestArms | None) -> float:
+        """Expected tokens per step of arm `a`: all requests' mean, or this request's shrunk toward it."""
+        if req is None or a.config not in req.steps:
+            return a.mean_tokens()
+        k = self.request_prior
+        return (req.tokens[a.config] + k * a.mean_tokens()) / (req.steps[a.config] + k)
+
+    def choose(self, load=None, request: RequestArms | None = None) -> TreeConfig | None:
+        """The arm for the next step; `load` (taps.scheduler.Load or None) prices verifier rows, and
+        `request` (from `request()`) makes the estimate this request's."""
         with self._lock:
             for a in self.arms:
                 if a.steps < self.warmup:
@@ -145,17 +183,20 @@ class TreePolicy:
 
             def score(a: _Arm) -> float:
                 bonus = self.exploration * math.sqrt(2 * math.log(total) / a.steps)
-                return (a.mean_tokens() + bonus) / max(a.cost(load), 1e-9)
+                return (self._tokens(a, request) + bonus) / max(a.cost(load), 1e-9)
 
             return max(self.arms, key=score).config
 
     def observe(self, config: TreeConfig | None, emitted: int, seconds: float | None = None,
-                draft_s: float | None = None) -> None:
+                draft_s: float | None = None, request: RequestArms | None = None) -> None:
         """One step with `config` emitted `emitted` tokens; online policies also learn its cost from
-        `seconds` (the step's wall time) and its drafting cost from `draft_s`."""
+        `seconds` (the step's wall time) and its drafting cost from `draft_s`. `request` records the
+        step for that request as well."""
         with self._lock:
             for a in self.arms:
                 if a.config == config:
+                    if request is not None:
+                        request.add(config, emitted)
                     a.steps += 1
                     a.tokens += emitted
                     if self.online and seconds is not None and seconds > 0:

@@ -13,8 +13,9 @@ Rules, each in one place:
   idempotent). A drafter that lost the request (restart) gets everything from pair 0 next time.
 - **Reservation.** `reserve_tokens`: a request needs room for its new tokens plus one tree per
   drafter in the verifier's context.
-- **Policy.** `policy.choose(verifier.load())` picks the step's arm seeing the verifier's load; the
-  step's emitted tokens, wall time and drafting time go back through `policy.observe`.
+- **Policy.** `policy.choose(verifier.load(), arms)` picks the step's arm seeing the verifier's load
+  and this request's own statistics (`arms = policy.request()`); the step's emitted tokens, wall time
+  and drafting time go back through `policy.observe`.
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
     `stop(token_ids)`, asked after each step, ends decoding early (state.stopped; e.g. a stop string)."""
     rid = request_id or uuid.uuid4().hex
     largest = policy.max_tree if policy else tree
+    arms = policy.request() if policy else None  # this request's own tokens per arm
     state = Decoding(strategy, max_new_tokens, eos_ids, largest.depth)
     if record_nodes:
         state.stats.node_log = []
@@ -233,7 +235,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             yield kept
         while not state.done:
             t1 = time.perf_counter()
-            arm = policy.choose(verifier.load()) if policy else tree
+            arm = policy.choose(verifier.load(), arms) if policy else tree
             history.add(*state.drafter_inputs())
             plan = dict(zip(strategy.drafters, plan_trees(arm, len(strategy.drafters))))
             calls = [n for n in strategy.drafters if n in proposers and plan[n] is not None]
@@ -246,7 +248,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             kept = state.observe(result, t2 - t1, t3 - t2)
             state.check_stop(stop)
             if policy:
-                policy.observe(arm, len(result.tokens), seconds=t3 - t1, draft_s=t2 - t1)
+                policy.observe(arm, len(result.tokens), seconds=t3 - t1, draft_s=t2 - t1, request=arms)
             if kept:
                 yield kept
     finally:

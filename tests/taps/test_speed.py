@@ -127,7 +127,7 @@ def test_every_arm_is_lossless_including_forced_skips(tiny, spec):
     class RoundRobin(TreePolicy):
         i = 0
 
-        def choose(self, load=None):
+        def choose(self, load=None, request=None):
             self.i += 1
             return cands[self.i % len(cands)]
 
@@ -138,6 +138,59 @@ def test_every_arm_is_lossless_including_forced_skips(tiny, spec):
     # sampled decoding with skips runs too (the distribution tests cover the acceptance rule itself)
     res = eng.generate(PROMPT, strat, SamplingConfig(temperature=1.0, seed=3), 24)
     assert len(res.token_ids) == 24
+
+
+def test_policy_learns_each_requests_own_arm():
+    """One policy serves math and chat requests: the arm that pays on most requests is tried first on a
+    new one, and the request's own acceptance takes over after a few steps, without moving other requests."""
+    math_only = (TreeConfig(depth=2, top_k=1, total_tokens=3), None)
+    chat_only = (None, TreeConfig(depth=2, top_k=1, total_tokens=3))
+    pol = TreePolicy({math_only: 0.02, chat_only: 0.02}, warmup=1, exploration=0.0, request_prior=2)
+    for _ in range(50):  # math requests so far: the math drafter's arm returns 2.5 tokens a step
+        pol.observe(math_only, 2.5)
+        pol.observe(chat_only, 1.5)
+    chat, fresh = pol.request(), pol.request()
+    assert pol.choose(request=chat) == math_only  # a new request starts from every request's mean
+    steps = 0
+    while pol.choose(request=chat) == math_only:  # this one is chat: the math arm returns 1 token
+        pol.observe(math_only, 1, request=chat)
+        steps += 1
+        assert steps < 10
+    assert steps >= 2  # the all-request mean is worth request_prior steps, not zero
+    pol.observe(chat_only, 2.5, request=chat)
+    assert pol.choose(request=chat) == chat_only
+    assert pol.choose(request=fresh) == math_only and pol.choose() == math_only
+    assert chat.steps == {math_only: steps, chat_only: 1}
+    with pytest.raises(ValueError, match="request_prior"):
+        TreePolicy({SKIP: 0.01}, request_prior=0)
+
+
+def test_decode_gives_each_request_its_own_arms(tiny):
+    """The loop passes one RequestArms per decoding to choose and observe, and a new one per request."""
+    from taps.adaptive import RequestArms
+
+    seen = []
+
+    class Spy(TreePolicy):
+        def choose(self, load=None, request=None):
+            seen.append(("choose", request))
+            return super().choose(load, request)
+
+        def observe(self, config, emitted, seconds=None, draft_s=None, request=None):
+            seen.append(("observe", request))
+            super().observe(config, emitted, seconds, draft_s, request)
+
+    strat = parse_strategy("merged", ["a", "b"])
+    eng = TapsEngine(VerifierRunner(tiny, max_len=512), runners(tiny), TreeConfig(), [])
+    eng.policies[strat.name] = Spy({c: 0.01 for c in auto_candidates(strat)}, warmup=1)
+    first = eng.generate(PROMPT, strat, SamplingConfig(), 12)
+    mine = {id(r) for _, r in seen}
+    assert len(mine) == 1 and isinstance(seen[0][1], RequestArms)
+    assert sum(seen[0][1].steps.values()) == first.stats.steps == sum(k == "observe" for k, _ in seen)
+    seen.clear()
+    second = eng.generate(PROMPT, strat, SamplingConfig(), 12)
+    assert second.token_ids == first.token_ids == greedy_reference(tiny, PROMPT, 12)
+    assert {id(r) for _, r in seen}.isdisjoint(mine) and len({id(r) for _, r in seen}) == 1
 
 
 def test_auto_policy_prefers_skip_when_drafts_never_pay(tiny):
