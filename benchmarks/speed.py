@@ -274,19 +274,54 @@ class HFRunner:
 
 
 @torch.inference_mode()
+def full_logits(model, seq: list[int], start: int) -> torch.Tensor:
+    """Float logits of positions start.. of `seq`, the whole sequence in one causal forward (no cache)."""
+    from taps.models.llama import causal_mask
+
+    t = len(seq)
+    h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
+    return model.logits(h[0, start:]).float()
+
+
 def fp32_gap(model, prompt_ids: list[int], a: list[int], b: list[int]) -> float:
     """|logit(a_p) - logit(b_p)| of the float32 verifier at the first position p where two token
     lists differ: how near a tie the flipped choice was (0 = an exact tie)."""
-    from taps.models.llama import causal_mask
-
     p = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     if p >= min(len(a), len(b)):
         return 0.0  # one is a prefix of the other (an EOS cut): no flipped choice
     seq = list(prompt_ids) + list(a[:p])
-    t = len(seq)
-    h = model(torch.tensor([seq]), torch.arange(t)[None], None, causal_mask(t)[None, None])
-    logits = model.logits(h[0, -1]).float()
+    logits = full_logits(model, seq, len(seq) - 1)[-1]
     return abs(float(logits[a[p]] - logits[b[p]]))
+
+
+def gap_noise_report(args, prompt_files: list[Path]) -> int:
+    """The scale to read a flip's fp32 gap against: along greedy float32 answers to the first --limit
+    prompts of each file (--max-new-tokens each), |bf16 gap - float32 gap| between the float32 model's
+    two likeliest tokens, each dtype running the whole sequence in one forward. Two bf16 forwards of
+    different shapes (a tree against one row) each carry such an error, so a flip whose gap is within
+    about twice its largest value is a tie within bf16 resolution."""
+    from taps.batchgen import batch_generate
+    from taps.runtime import load_default_verifier
+
+    v32, v16 = load_default_verifier(None, "float32"), load_default_verifier(None, "bfloat16")
+    prompts = [v32.encode_chat([{"role": "user", "content": r["prompt"]}])
+               for path in prompt_files for r in load_rows(path, args.limit)]
+    with torch.no_grad():
+        answers = batch_generate(v32.model, prompts, args.max_new_tokens, set(v32.eos_token_ids))
+        errs, gaps = [], []
+        for ids, ans in zip(prompts, answers):
+            seq = ids + ans[:-1]  # every answer token's position (the last needs no successor)
+            l32, l16 = full_logits(v32.model, seq, len(ids) - 1), full_logits(v16.model, seq, len(ids) - 1)
+            top = l32.topk(2, dim=-1).indices
+            g32 = (l32.gather(1, top[:, :1]) - l32.gather(1, top[:, 1:])).flatten()
+            g16 = (l16.gather(1, top[:, :1]) - l16.gather(1, top[:, 1:])).flatten()
+            errs += (g16 - g32).abs().tolist()
+            gaps += g32.tolist()
+    e, g = torch.tensor(errs), torch.tensor(gaps)
+    print(json.dumps({"positions": len(errs),
+                      "bf16_gap_error": {str(q): round(float(e.quantile(q)), 3) for q in (0.5, 0.9, 0.99, 1.0)},
+                      "fp32_top2_gap": {str(q): round(float(g.quantile(q)), 3) for q in (0.1, 0.5)}}))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- cost model
@@ -365,6 +400,10 @@ def main(argv=None) -> int:
     ap.add_argument("--costs", action="store_true",
                     help="only print the cost model: verifier forward per tree size and drafting per depth, "
                          "float32 and bfloat16, and the acceptance length each tree needs for 1x and 2x `none`")
+    ap.add_argument("--gap-noise", action="store_true",
+                    help="only measure how far bf16 moves the float32 top-two logit gap along greedy answers "
+                         "(the scale for the fp32 gap of a fast-mode flip); uses --prompts, --limit, "
+                         "--max-new-tokens, --threads")
     args = ap.parse_args(argv)
     if args.costs:
         return cost_report(args)
@@ -375,6 +414,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     prompt_files = [Path(p) for p in (args.prompts or [ROOT / "eval/prompts/gsm_symbolic.jsonl",
                                                        ROOT / "eval/prompts/mtbench.jsonl"])]
+    if args.gap_noise:
+        return gap_noise_report(args, prompt_files)
     specs = [s.strip() for s in args.configs.split(",") if s.strip()]
     if "none" not in specs:
         specs = ["none"] + specs
