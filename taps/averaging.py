@@ -59,7 +59,7 @@ def average_checkpoints(inputs: list[str | Path], weights: list[float], out: str
     cfgs = [read_drafter_config(p) for p in inputs]
     for p, c in zip(inputs[1:], cfgs[1:]):
         check_verifier(c, cfgs[0].verifier, where=f" at {p}")
-        if c.draft_vocab_size != cfgs[0].draft_vocab_size or c.llama != cfgs[0].llama:
+        if (c.draft_vocab_size, c.num_layers, c.llama) != (cfgs[0].draft_vocab_size, cfgs[0].num_layers, cfgs[0].llama):
             raise DrafterMismatchError(f"{p} has a different drafter shape than {inputs[0]}")
     states = [load_file(str(p / "model.safetensors")) for p in inputs]
     state = average_state_dicts(states, [float(w) for w in weights])

@@ -12,12 +12,13 @@ __all__ = ["greedy_reference", "make_tiny_verifier_dir", "random_drafter", "rand
            "tiny_config"]
 
 
-def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5):
-    """An untrained drafter over a (tiny) verifier model, with weights large enough to vary its drafts."""
+def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5, num_layers: int = 1):
+    """An untrained drafter over a (tiny) verifier model, with weights large enough to vary its drafts
+    (every decoder layer of a deeper head too)."""
     from taps.models.drafter import DrafterConfig, EagleDrafter
 
     torch.manual_seed(seed)
-    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"})
+    cfg = DrafterConfig(name=name, domain=name, llama=model.config, verifier={"name": "tiny"}, num_layers=num_layers)
     d = EagleDrafter(cfg, model.embed_tokens, model.lm_head)
     with torch.no_grad():
         for p in d.parameters():

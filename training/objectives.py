@@ -181,10 +181,11 @@ def hass_features(drafter: EagleDrafter, tokens: torch.Tensor, inputs: list[torc
         if perturb is not None:
             x = perturb(step, x)
         # a fresh cache per step (no in-place writes into tensors an earlier step saved for backward)
-        cache = KVCache(drafter.config.llama, 1, step * t, b, drafter.fc.weight.dtype, device)
+        cache = KVCache(drafter.config.llama, drafter.config.num_layers, step * t, b, drafter.fc.weight.dtype, device)
         if prev is not None:
-            cache.k[0][:, :, :(step - 1) * t] = prev.k[0]
-            cache.v[0][:, :, :(step - 1) * t] = prev.v[0]
+            for i in range(drafter.config.num_layers):
+                cache.k[i][:, :, :(step - 1) * t] = prev.k[i]
+                cache.v[i][:, :, :(step - 1) * t] = prev.v[i]
         cache.length = (step - 1) * t
         mask = alignment_mask(step, t, device)[None, None].expand(b, 1, t, step * t)
         pred = drafter(tokens, x, pos, cache, mask)

@@ -74,6 +74,7 @@ class TrainConfig:
     init_from: str = ""  # start from this drafter's weights (e.g. HASS fine-tuning of an EAGLE-2 drafter)
     draft_vocab_map: str = ""  # JSON token map (training.reduce_vocab --map-out); "": top tokens of this data
     draft_head: str = "verifier-rows"  # reduced vocabulary: frozen verifier rows (exact targets) or "own" (trained)
+    draft_layers: int = 1  # decoder layers in the head; layers beyond init_from's start as the identity
     seed: int = 0  # init, data order and noise
     num_workers: int = 2  # Ray Train workers (ignored with --no-ray)
     threads_per_worker: int = 1  # torch threads per worker
@@ -169,6 +170,8 @@ class TrainConfig:
                                        f"{self.draft_vocab_size}")
         if self.init_from and not (Path(self.init_from) / "drafter.json").exists():
             raise TrainConfigError(f"init_from {self.init_from} is not a drafter directory (no drafter.json)")
+        if self.draft_layers < 1:
+            raise TrainConfigError(f"draft_layers must be at least 1, got {self.draft_layers}")
         if self.draft_head not in ("own", "verifier-rows"):
             raise TrainConfigError(f"draft_head must be 'own' or 'verifier-rows', got {self.draft_head!r}")
         if self.max_len < 8 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -303,7 +306,7 @@ def train_worker(cfg_dict: dict) -> dict:
         counts = torch.bincount(torch.cat(feats.input_ids), minlength=verifier.model.config.vocab_size)
         token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
-                          seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head)
+                          seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head, num_layers=cfg.draft_layers)
     if cfg.init_from:  # same shape required (load_drafter checks the verifier); the token map too, unless the head
         # is frozen verifier rows: then only the map differs and the new map's rows come from the verifier
         src = load_drafter(cfg.init_from, verifier)
@@ -311,12 +314,16 @@ def train_worker(cfg_dict: dict) -> dict:
         if src.config.draft_vocab_size != cfg.draft_vocab_size or (
                 not rows_head and src.d2t is not None and not torch.equal(src.d2t.cpu(), drafter.d2t.cpu())):
             raise TrainConfigError(f"init_from {cfg.init_from} has another draft vocabulary than this config")
+        if src.config.num_layers > cfg.draft_layers:
+            raise TrainConfigError(f"init_from {cfg.init_from} has {src.config.num_layers} decoder layers, more than "
+                                   f"draft_layers={cfg.draft_layers}")
         state = {k: v for k, v in src.state_dict().items() if not (rows_head and k in ("lm_head.weight", "d2t"))}
         res = drafter.load_state_dict(state, strict=False)
-        missing = [k for k in res.missing_keys if k not in ("lm_head.weight", "d2t")]
+        missing = [k for k in res.missing_keys if k not in ("lm_head.weight", "d2t")
+                   and not k.startswith("extra_layers.")]  # a deeper head: its new layers stay the identity
         if missing or res.unexpected_keys:
             raise TrainConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {res.unexpected_keys}")
-        log.info("initialised from %s", cfg.init_from)
+        log.info("initialised from %s (%d of %d decoder layers)", cfg.init_from, src.config.num_layers, cfg.draft_layers)
     drafter = drafter.to(torch.float32).train()
     if cfg.draft_vocab_size and cfg.draft_head == "verifier-rows":
         drafter.lm_head.requires_grad_(False)  # .to() keeps the flag; stated for clarity

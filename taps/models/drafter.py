@@ -3,6 +3,11 @@
     input pair (f_i, x_{i+1}) -> fc([embed(x_{i+1}), f_i]) (2H -> H) -> one Llama decoder layer
     -> predicted feature f_{i+1} -> lm_head -> distribution of x_{i+2}
 
+`num_layers` > 1 stacks more decoder layers after the first (a step past the paper, issue 18). The
+first keeps its checkpoint name (`layer.*`), the others are `extra_layers.<i>.*`; a new extra layer
+starts as the identity (its two residual output projections are zero), so a deeper head initialised
+from a shallower one computes exactly what that one did before training moves it.
+
 The token embedding is the verifier's (frozen, not saved). The lm_head is the
 verifier's (frozen, not saved) or, with a reduced draft vocabulary (EAGLE-3
 style), a trainable [V_draft, H] head over the V_draft most frequent tokens
@@ -44,6 +49,7 @@ class DrafterConfig:
     objective: str = "random-init"  # eagle2, hass, averaged, or random-init (untrained)
     head: str = "own"  # reduced vocab head: "own" (trained, saved) or "verifier-rows" (the verifier's rows, not saved)
     training: dict = field(default_factory=dict)  # provenance: data, steps, loss, ...
+    num_layers: int = 1  # decoder layers in the head (checkpoints before this field have one)
 
     @property
     def trained(self) -> bool:
@@ -72,7 +78,10 @@ class EagleDrafter(nn.Module):
         # Shared, frozen verifier modules: kept out of state_dict() by living in a plain list.
         self._frozen = [embed_tokens, verifier_lm_head]
         self.fc = nn.Linear(2 * h, h, bias=True)
+        if cfg.num_layers < 1:
+            raise ValueError(f"a drafter needs at least one decoder layer, got num_layers={cfg.num_layers}")
         self.layer = DecoderLayer(cfg.llama)
+        self.extra_layers = nn.ModuleList(DecoderLayer(cfg.llama) for _ in range(cfg.num_layers - 1))
         self.rotary = Rotary(cfg.llama)
         if cfg.draft_vocab_size:
             self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -106,7 +115,20 @@ class EagleDrafter(nn.Module):
             self.lm_head.weight.copy_(self.verifier_lm_head.weight[token_ids.to(self.lm_head.weight.device)])
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        return KVCache(self.config.llama, 1, max_len, batch, self.dtype, self.device)
+        return KVCache(self.config.llama, self.config.num_layers, max_len, batch, self.dtype, self.device)
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [self.layer, *self.extra_layers]
+
+    def init_extra_layers(self, source: DecoderLayer) -> None:
+        """Each extra layer: `source`'s weights with zero attention and MLP output projections, i.e. the
+        identity on the residual stream until training moves it."""
+        with torch.no_grad():
+            for layer in self.extra_layers:
+                layer.load_state_dict(source.state_dict())
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
 
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -118,12 +140,13 @@ class EagleDrafter(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + tokens.shape[1] > cache.max_len:
             raise ValueError(f"drafter KV cache overflow: {start} + {tokens.shape[1]} > {cache.max_len}")
-        ck = cache.k[0] if cache is not None else None
-        cv = cache.v[0] if cache is not None else None
-        out = self.layer(x, cos, sin, mask, ck, cv, start)
+        for i, layer in enumerate(self.decoder_layers):
+            ck = cache.k[i] if cache is not None else None
+            cv = cache.v[i] if cache is not None else None
+            x = layer(x, cos, sin, mask, ck, cv, start)
         if cache is not None:
             cache.length = start + tokens.shape[1]
-        return out
+        return x
 
     def forward_segments(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                          segments: list, pad_to: int = 1) -> torch.Tensor:
@@ -134,14 +157,16 @@ class EagleDrafter(nn.Module):
         for seg in segments:
             if seg.base + seg.rows > seg.cache.max_len:
                 raise ValueError(f"drafter KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len}")
-            seg.layer = 0
         emb = self.embed_tokens(tokens).to(self.dtype)
         x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))[None]
         cos, sin = self.rotary(positions[None], x.dtype)
-        out = self.layer.forward_segments(x, cos, sin, segments)
+        for i, layer in enumerate(self.decoder_layers):
+            for seg in segments:
+                seg.layer = i
+            x = layer.forward_segments(x, cos, sin, segments)
         for seg in segments:
             seg.cache.length = seg.base + seg.rows
-        return out[0, :r]
+        return x[0, :r]
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[.., H] -> [.., V_draft] float logits (V_draft = vocab size without a reduced vocabulary)."""
@@ -168,7 +193,9 @@ def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
     from taps.models.quant import quantize_linears
 
     drafter.to(torch.bfloat16)
-    names = ["fc"] + [f"layer.self_attn.{p}_proj" for p in "qkvo"] + [f"layer.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    layers = ["layer"] + [f"extra_layers.{i}" for i in range(len(drafter.extra_layers))]
+    names = ["fc"] + [f"{layer}.{part}" for layer in layers for part in
+                      [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
     return quantize_linears(drafter, names + (["lm_head"] if drafter.lm_head is not None else []), torch.bfloat16)
 
 
@@ -211,7 +238,8 @@ def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleD
 # ---------------------------------------------------------------------- creation, save, load
 
 def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size: int = 0,
-                seed: int = 0, token_ids: torch.Tensor | None = None, head: str = "own") -> EagleDrafter:
+                seed: int = 0, token_ids: torch.Tensor | None = None, head: str = "own",
+                num_layers: int = 1) -> EagleDrafter:
     """A randomly initialised drafter for `verifier` (a taps.models.loading.Verifier, or the
     VerifierParts of load_verifier_parts: only its config, embedding, lm_head and last layer are read).
 
@@ -220,12 +248,14 @@ def new_drafter(name: str, verifier, domain: str | None = None, draft_vocab_size
     if head not in ("own", "verifier-rows"):
         raise ValueError(f"head must be 'own' or 'verifier-rows', got {head!r}")
     cfg = DrafterConfig(name=name, domain=domain or name, llama=verifier.model.config,
-                        verifier=verifier.identity, draft_vocab_size=draft_vocab_size, head=head)
+                        verifier=verifier.identity, draft_vocab_size=draft_vocab_size, head=head,
+                        num_layers=num_layers)
     torch.manual_seed(seed)
     m = verifier.model
     drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
     with torch.no_grad():  # EAGLE initialises the layer from the verifier's last layer
         drafter.layer.load_state_dict(m.layers[-1].state_dict())
+    drafter.init_extra_layers(m.layers[-1])
     if draft_vocab_size:
         drafter.init_reduced_vocab(token_ids if token_ids is not None else torch.arange(draft_vocab_size))
         if head == "verifier-rows":

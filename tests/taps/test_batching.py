@@ -115,9 +115,10 @@ def test_eight_concurrent_requests_batched_equal_each_decoded_alone(model):
             assert got.token_ids == greedy_reference(model, req[0], 20), req[1].name
 
 
-def test_drafting_many_requests_at_once_equals_drafting_each_alone(model):
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_drafting_many_requests_at_once_equals_drafting_each_alone(model, num_layers):
     """DrafterRunner.draft_many (one forward per depth for every request) grows, for each request,
-    the tree it grows alone; a bad job fails alone."""
+    the tree it grows alone, with one decoder layer or two; a bad job fails alone."""
     from taps.drafting import DraftJob
 
     gen = torch.Generator().manual_seed(3)
@@ -126,13 +127,13 @@ def test_drafting_many_requests_at_once_equals_drafting_each_alone(model):
         jobs.append(DraftJob(f"r{i}", torch.randint(0, 211, (m,), generator=gen), torch.randn(m, 96, generator=gen),
                              cfg, start=0))
     bad = DraftJob("bad", torch.tensor([1, 2]), torch.randn(1, 96), TreeConfig())
-    many = DrafterRunner(random_drafter(model, "a", 1))
+    many = DrafterRunner(random_drafter(model, "a", 1, num_layers=num_layers))
     together = many.draft_many(jobs[:2] + [bad] + jobs[2:])
     assert isinstance(together[2], ValueError)
     del together[2]
     for job, got in zip(jobs, together):
-        alone = DrafterRunner(random_drafter(model, "a", 1)).draft(job.request_id, job.tokens, job.hidden, job.tree,
-                                                                   start=0)
+        alone = DrafterRunner(random_drafter(model, "a", 1, num_layers=num_layers)).draft(
+            job.request_id, job.tokens, job.hidden, job.tree, start=0)
         assert torch.equal(got.tokens, alone.tokens) and torch.equal(got.parents, alone.parents)
         assert torch.equal(got.scores, alone.scores)
     assert many.active_requests == 3

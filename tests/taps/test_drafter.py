@@ -65,3 +65,40 @@ def test_verifier_rows_head_can_grow_back_to_the_full_drafters_choices(tmp_path)
     assert torch.equal(grown.lm_head.weight, v.model.lm_head.weight[keep])
     tree = DrafterRunner(grown).draft("r", tokens, hidden, cfg)
     assert torch.equal(tree.tokens, tree_full.tokens) and torch.equal(tree.parents, tree_full.parents)
+
+
+def test_a_deeper_head_starts_as_the_shallower_one_it_continues(tmp_path):
+    """A two-layer head loaded from a one-layer checkpoint (train_drafter's init_from) drafts the same
+    tree until training moves its second layer, which is then used; it saves, reloads and quantises
+    with both layers."""
+    import pytest
+
+    from taps.models.drafter import DrafterConfig, EagleDrafter, quantize_int8
+    from taps.models.quant import Int8Linear
+
+    v = _verifier(tmp_path)
+    one = new_drafter("math", v, seed=1)
+    two = new_drafter("math", v, seed=5, num_layers=2)
+    res = two.load_state_dict(one.state_dict(), strict=False)
+    assert res.unexpected_keys == [] and all(k.startswith("extra_layers.0.") for k in res.missing_keys)
+    cfg = TreeConfig(depth=4, top_k=3, total_tokens=10)
+    tokens, hidden = torch.tensor([4, 8, 15, 16, 23]), torch.randn(5, 32)
+    t1, t2 = DrafterRunner(one).draft("r", tokens, hidden, cfg), DrafterRunner(two).draft("r", tokens, hidden, cfg)
+    assert torch.equal(t1.tokens, t2.tokens) and torch.equal(t1.parents, t2.parents)
+    torch.testing.assert_close(t1.scores, t2.scores)
+    with torch.no_grad():  # what training does to the second layer
+        two.extra_layers[0].mlp.down_proj.weight.normal_(0, 1.0)
+        two.extra_layers[0].self_attn.o_proj.weight.normal_(0, 1.0)
+    pos = torch.arange(5)[None]
+    assert not torch.allclose(one(tokens[None], hidden[None], pos, None, None),
+                              two(tokens[None], hidden[None], pos, None, None))
+    save_drafter(two, tmp_path / "d2")
+    back = load_drafter(tmp_path / "d2", v)
+    assert back.config.num_layers == 2 and len(back.new_cache(8).k) == 2
+    for (k, a), (k2, b) in zip(sorted(two.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    q = quantize_int8(back)
+    assert isinstance(q.extra_layers[0].mlp.down_proj, Int8Linear) and isinstance(q.layer.mlp.up_proj, Int8Linear)
+    with pytest.raises(ValueError, match="at least one decoder layer"):
+        EagleDrafter(DrafterConfig("x", "x", v.model.config, v.identity, num_layers=0), v.model.embed_tokens,
+                     v.model.lm_head)

@@ -85,6 +85,17 @@ def test_greedy_lossless_random_drafters(tiny, strategy):
         assert drafters["a"].active_requests == 0  # state released
 
 
+@pytest.mark.parametrize("strategy", ["single:a", "confidence", "merged"])
+def test_greedy_lossless_two_layer_drafters(tiny, strategy):
+    """Two-layer heads (issue 18's step past the paper), beside a one-layer head: output == greedy."""
+    drafters = {"a": DrafterRunner(make_drafter(tiny, "a", 3, num_layers=2)),
+                "b": DrafterRunner(make_drafter(tiny, "b", 2))}
+    eng = engine_for(tiny, drafters)
+    for prompt in PROMPTS:
+        res = eng.generate(prompt, parse_strategy(strategy, ["a", "b"]), SamplingConfig(), 24)
+        assert res.token_ids == greedy_reference(tiny, prompt, 24), (strategy, prompt)
+
+
 @pytest.mark.parametrize("strategy", ["single:oracle", "confidence", "entropy", "merged"])
 def test_greedy_lossless_oracle_drafter_eos_and_length_cuts(tiny, strategy):
     prompt = PROMPTS[0]
@@ -187,10 +198,12 @@ def test_kv_compaction_after_partial_accept_equals_fresh_decoding(tiny):
     assert torch.allclose(res.hidden, pre2.hidden[len(prompt):len(prompt) + 3], atol=1e-9)
 
 
-def test_drafter_cache_trim_equals_drafting_from_scratch(tiny):
-    """After several steps, a drafter's tree equals the tree of a new drafter fed all pairs at once."""
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_drafter_cache_trim_equals_drafting_from_scratch(tiny, num_layers):
+    """After several steps, a drafter's tree equals the tree of a new drafter fed all pairs at once
+    (each decoder layer of a deeper head keeps and trims its own cache)."""
     prompt = PROMPTS[1]
-    d = make_drafter(tiny, "a", 1)
+    d = make_drafter(tiny, "a", 1, num_layers=num_layers)
     incremental = DrafterRunner(d)
     cfg = TreeConfig(depth=3, top_k=2, total_tokens=6)
     eng = engine_for(tiny, {"a": incremental}, tree=cfg)

@@ -41,12 +41,13 @@ def verifier():
     return _Verifier(random_llama(tiny_config(), seed=0, scale=4.0))
 
 
-def make_drafter(v, seed=0, dtype=torch.float32):
+def make_drafter(v, seed=0, dtype=torch.float32, num_layers=1):
     torch.manual_seed(seed)
-    cfg = DrafterConfig(name="t", domain="t", llama=v.model.config, verifier=v.identity)
+    cfg = DrafterConfig(name="t", domain="t", llama=v.model.config, verifier=v.identity, num_layers=num_layers)
     d = EagleDrafter(cfg, v.model.embed_tokens, v.model.lm_head)
     with torch.no_grad():
-        d.layer.load_state_dict(v.model.layers[-1].state_dict())
+        for layer in d.decoder_layers:  # every layer from the verifier's last (nothing is the identity here)
+            layer.load_state_dict(v.model.layers[-1].state_dict())
     return d.to(dtype)
 
 
@@ -113,9 +114,11 @@ def _inference_feature(d, tokens, inputs, preds, t, step):
     return out[0, -1]
 
 
-def test_hass_steps_equal_inference_drafting(verifier):
-    """Step j at position t equals a depth-j draft node at inference (the oracle above)."""
-    d = make_drafter(verifier).eval()
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_hass_steps_equal_inference_drafting(verifier, num_layers):
+    """Step j at position t equals a depth-j draft node at inference (the oracle above), for a one- or
+    two-layer head."""
+    d = make_drafter(verifier, num_layers=num_layers).eval()
     batch = make_batch(verifier, b=1)
     tokens, inputs, _, _ = training_pairs(batch)
     inputs = inputs.float()
@@ -241,6 +244,9 @@ def test_weight_averaging(verifier, tmp_path):
     save_drafter(make_drafter(other), tmp_path / "o")
     with pytest.raises(DrafterMismatchError):
         average_checkpoints([tmp_path / "a", tmp_path / "o"], [0.5, 0.5], tmp_path / "bad")
+    save_drafter(make_drafter(verifier, num_layers=2), tmp_path / "deep")
+    with pytest.raises(DrafterMismatchError, match="different drafter shape"):
+        average_checkpoints([tmp_path / "a", tmp_path / "deep"], [0.5, 0.5], tmp_path / "bad")
     with pytest.raises(DrafterMismatchError):
         average_state_dicts([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], [0.5, 0.5])
     assert not (tmp_path / "bad").exists()
@@ -365,6 +371,17 @@ def test_reduced_vocab_training_keeps_verifier_rows_frozen(tmp_path):
     d2 = load_drafter(root / "runs" / "tiny" / "map2", v)
     assert d2.d2t.tolist() == other
     torch.testing.assert_close(d2.lm_head.weight.float(), v.model.lm_head.weight[d2.d2t].float())
+    # a two-layer head continuing it: the new layer starts as the identity; a deeper start than the config is refused
+    cfg.update(draft_layers=2, checkpoint_dir="runs/tiny/ckpt_deep", output_dir="runs/tiny/deep", init_from="runs/tiny/map2")
+    (root / "deep.yaml").write_text(yaml.safe_dump(cfg))
+    assert "(1 of 2 decoder layers)" in _train(root, config=root / "deep.yaml").stderr
+    assert load_drafter(root / "runs" / "tiny" / "deep", v).config.num_layers == 2
+    cfg.update(draft_layers=1, checkpoint_dir="runs/tiny/ckpt_shallow", output_dir="runs/tiny/shallow",
+               init_from="runs/tiny/deep")
+    (root / "shallow.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(root, config=root / "shallow.yaml", check=False)
+    assert r.returncode != 0 and "has 2 decoder layers, more than draft_layers=1" in r.stderr
+    cfg.update(init_from="runs/tiny/reduced", draft_layers=1)
     cfg.update(draft_head="own", output_dir="runs/tiny/map_own", checkpoint_dir="runs/tiny/ckpt_own")
     (root / "own.yaml").write_text(yaml.safe_dump(cfg))
     r = _train(root, config=root / "own.yaml", check=False)  # a trained head cannot change its map
@@ -455,6 +472,12 @@ def test_bad_configs_fail_clearly(tmp_path):
     r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad2.yaml"), "--root",
                         str(tmp_path), "--no-ray"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "objective must be one of" in r.stderr
+    cfg["objective"], cfg["draft_layers"] = "eagle2", 0
+    (tmp_path / "bad4.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad4.yaml"), "--root",
+                        str(tmp_path), "--no-ray"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "draft_layers must be at least 1" in r.stderr
+    del cfg["draft_layers"]
     cfg["objective"], cfg["verifier"] = "hass", "runs/no_such_verifier"
     (tmp_path / "bad3.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([PY, "training/train_drafter.py", "--config", str(tmp_path / "bad3.yaml"), "--root",
