@@ -62,9 +62,10 @@ def snapshots(directory: str | Path) -> list[tuple[str, Path, float, int]]:
 
 def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], domain: str, per_set: int = 8,
                    max_new_tokens: int = 64, dtype: str = "float32", batch: int = 8, threads: int = 2,
-                   verifier: str | None = None, baseline: str | None = None) -> dict:
+                   verifier: str | None = None, baseline: str | None = None, temperature: float = 0.0) -> dict:
     """Acceptance of every point on the dev slice; with `baseline` (a point's name), every other point also
-    gets its paired difference to it (`vs_baseline`: difference, lo, hi, verdict), the ship-or-not test."""
+    gets its paired difference to it (`vs_baseline`: difference, lo, hi, verdict), the ship-or-not test.
+    `temperature` > 0 samples (the same seed per prompt under every point, so differences stay paired)."""
     import torch
 
     from eval.ci import mean_ratio_ci, paired_mean_diff_ci, verdict
@@ -79,7 +80,7 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
     sets = dev_slice(domain, per_set)
     strategies = ["none"] + [f"single:{name}" for name, _, _, _ in points]
     t0 = time.perf_counter()
-    rows = run_eval(engine, v, sets, strategies, [], [0.0], max_new_tokens, batch=batch)
+    rows = run_eval(engine, v, sets, strategies, [], [temperature], max_new_tokens, batch=batch)
     out = []
     for name, path, seconds, step in points:
         mine = [r for r in rows if r["strategy"] == f"single:{name}"]
@@ -105,7 +106,7 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
                 d, lo, hi = paired_mean_diff_ci(sets_of(p["name"]), base)
                 p["vs_baseline"] = [round(d, 4), round(lo, 4), round(hi, 4), verdict(d, lo, hi)]
     return {"domain": domain, "baseline": baseline, "dev_sets": list(DEV_SETS[domain]), "per_set": per_set,
-            "max_new_tokens": max_new_tokens, "dtype": str(v.model.embed_tokens.weight.dtype).replace("torch.", ""),
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "dtype": str(v.model.embed_tokens.weight.dtype).replace("torch.", ""),
             "threads": threads, "seconds": round(time.perf_counter() - t0, 1), "points": out}
 
 
@@ -193,6 +194,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-set", type=int, default=8, help="prompts per dev set (the last ones of each file)")
     ap.add_argument("--every", type=int, default=1, help="evaluate every k-th snapshot (the last is always kept)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the evaluation")
     ap.add_argument("--dtype", default="float32", help="verifier dtype (float32 | bfloat16 | auto)")
     ap.add_argument("--batch", type=int, default=8, help="prompts decoded concurrently")
     ap.add_argument("--threads", type=int, default=2)
@@ -235,7 +237,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.baseline is not None and args.baseline not in [p[0] for p in points]:
         ap.error(f"--baseline {args.baseline!r} is not one of the evaluated names")
     res = evaluate_curve(points, args.domain, args.per_set, args.max_new_tokens, args.dtype, args.batch,
-                         args.threads, args.verifier, args.baseline)
+                         args.threads, args.verifier, args.baseline, args.temperature)
     res["label"] = args.label
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -558,6 +558,11 @@ def test_snapshots_make_a_learning_curve(tmp_path):
     assert all(p["acceptance_length"] >= 1.0 and set(p["by_set"]) == {"gsm_symbolic", "mathematics", "svamp_like"}
                for p in res["points"])
     assert (tmp_path / "curve.png").stat().st_size > 1000
+    rc = curve_cli(["--compare", f"final={root / 'runs/tiny/drafter'}", "--domain", "math", "--per-set", "1",
+                    "--max-new-tokens", "4", "--threads", "1", "--temperature", "1",
+                    "--verifier", str(root / "runs" / "tiny" / "verifier"), "--out", str(tmp_path / "curve_t1.json")])
+    t1 = json.loads((tmp_path / "curve_t1.json").read_text())
+    assert rc == 0 and t1["temperature"] == 1.0 and t1["points"][0]["acceptance_length"] >= 1.0
     rc = curve_cli(["--agreement", "--compare", f"final={root / 'runs/tiny/drafter'}", "--compare",
                     f"first={snaps[0][1]}", "--domain", "chat", "--per-set", "2", "--threads", "1",
                     "--verifier", str(root / "runs" / "tiny" / "verifier"), "--out", str(tmp_path / "agree.json")])
