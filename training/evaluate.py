@@ -184,7 +184,7 @@ def write_model_card(directory: str | Path, results: dict | None = None, eval_ro
              f"- verifier: {cfg['verifier']['name']} (hidden {cfg['verifier']['hidden_size']}, "
              f"vocab {cfg['verifier']['vocab_size']})",
              f"- objective: {cfg['objective']}; domain: {cfg['domain']}; draft vocabulary: "
-             f"{cfg['draft_vocab_size'] or 'full (verifier lm_head)'}"]
+             f"{cfg['draft_vocab_size'] or 'full (verifier lm_head)'}; decoder layers: {cfg.get('num_layers', 1)}"]
     if "averaged_from" in tr:
         lines.append("- averaged from: " + ", ".join(f"{x['name']} (w={x['weight']})" for x in tr["averaged_from"]))
     else:

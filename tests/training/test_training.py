@@ -314,7 +314,7 @@ def test_model_card_from_report_rows(trained_tiny, tmp_path):
     card = (out / "README.md").read_text()
     assert "# Drafter `tiny`" in card and "| gsm_symbolic | 0.0 | 1 | 1.50 | 0.80x |" in card
     assert "9.00" not in card and "a test" in card and "s of training in all sessions" in card
-    assert "steps: 6 " in card
+    assert "steps: 6 " in card and "decoder layers: 1" in card
 
 
 @pytest.mark.slow
