@@ -312,9 +312,8 @@ def gap_noise_report(args, prompt_files: list[Path]) -> int:
         for ids, ans in zip(prompts, answers):
             seq = ids + ans[:-1]  # every answer token's position (the last needs no successor)
             l32, l16 = full_logits(v32.model, seq, len(ids) - 1), full_logits(v16.model, seq, len(ids) - 1)
-            top = l32.topk(2, dim=-1).indices
-            g32 = (l32.gather(1, top[:, :1]) - l32.gather(1, top[:, 1:])).flatten()
-            g16 = (l16.gather(1, top[:, :1]) - l16.gather(1, top[:, 1:])).flatten()
+            top = l32.topk(2, dim=-1).indices  # the float32 model's two likeliest tokens at each position
+            g32, g16 = ((lg.gather(1, top[:, :1]) - lg.gather(1, top[:, 1:])).flatten() for lg in (l32, l16))
             errs += (g16 - g32).abs().tolist()
             gaps += g32.tolist()
     e, g = torch.tensor(errs), torch.tensor(gaps)

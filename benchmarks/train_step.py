@@ -36,14 +36,13 @@ def main(argv=None) -> int:
     from taps.models.loading import load_verifier
     from training.features import load_features
     from training.objectives import ObjectiveConfig, objective_loss
-    from training.train_drafter import TrainConfig, epoch_batches
+    from training.train_drafter import TrainConfig, draft_token_ids, epoch_batches
 
     cfg = TrainConfig.load(args.config, ROOT)
     torch.set_num_threads(cfg.threads_per_worker)
     verifier = load_verifier(cfg.verifier, dtype=torch.bfloat16, with_tokenizer=False)
     feats = load_features(cfg.feature_dirs, verifier.identity)
-    token_ids = torch.tensor(json.loads(Path(cfg.draft_vocab_map).read_text())["token_ids"]) \
-        if cfg.draft_vocab_map else None
+    token_ids = draft_token_ids(cfg, feats, verifier.model.config.vocab_size)
     ocfg = ObjectiveConfig.for_name(cfg.objective, **cfg.objective_overrides)
     bf16 = cfg.compute_dtype != "float32"
     micro = cfg.ds_config()["train_micro_batch_size_per_gpu"]
@@ -51,9 +50,7 @@ def main(argv=None) -> int:
     shapes = {}
     for n in args.layers:
         d = new_drafter(f"l{n}", verifier, draft_vocab_size=cfg.draft_vocab_size, token_ids=token_ids,
-                        head=cfg.draft_head, num_layers=n).to(torch.float32).train()
-        if cfg.draft_head == "verifier-rows" and d.lm_head is not None:
-            d.lm_head.requires_grad_(False)
+                        head=cfg.draft_head, num_layers=n).to(torch.float32).train()  # verifier-rows: frozen
         params = [p for p in d.parameters() if p.requires_grad]
         shapes[n] = (d, torch.optim.AdamW(params, lr=1e-5), [])
     for i, idx in enumerate(batches):

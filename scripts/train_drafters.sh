@@ -48,8 +48,9 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 # the 2-core EPYC while the other core worked). A first file each holds what the shipped drafters were trained on
 # (BIG_MATH_N=3840, BIG_CHAT_N=2304); a second file each (*_big2_*, and chat_big3) continues toward 12,000 math and
 # all 9,023 chat exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
-# {chat,math}_big2_eagle2 and the two-layer math heads train on the second files; the T=0.7 runs need math_big
-if [[ " ${CONFIGS[*]} " == *_big2_* || " ${CONFIGS[*]} " == *_2layer* ]]; then BIG_MORE=${BIG_MORE:-1}; fi
+# {chat,math}_big2_eagle2, the two-layer math heads and math_more_greedy train on the second files (math_big_b
+# and math_big2_part1); the T=0.7 runs need math_big
+if [[ " ${CONFIGS[*]} " =~ _big2_|_2layer|more_greedy ]]; then BIG_MORE=${BIG_MORE:-1}; fi
 if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
@@ -86,11 +87,8 @@ if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy ]]; then
   if [[ " ${CONFIGS[*]} " =~ _t07|more_greedy ]]; then  # sampled answers beside the greedy ones (math_t07_eagle2)
     python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_t07_distilled.jsonl \
       --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 7 --limit 1280
-    [ -f runs/data/math_big_b.jsonl ] || sed -n 2561,3840p runs/data/math_big_distilled.jsonl > runs/data/math_big_b.jsonl
-    for f in math_t07_distilled:math_t07 math_big_b:math_big_b; do
-      python -m training.prepare --conversations "runs/data/${f%%:*}.jsonl" --features "runs/features/${f##*:}" \
-        --max-len 384 --threads 1
-    done
+    python -m training.prepare --conversations runs/data/math_t07_distilled.jsonl --features runs/features/math_t07 \
+      --max-len 384 --threads 1   # math_more_greedy's math_big_b features come from the BIG_MORE block above
   fi
   [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \
     --data runs/data/math_big_distilled.jsonl runs/data/chat_big_distilled.jsonl --map-out runs/vocab/big-8192.json

@@ -265,6 +265,20 @@ def pick_compute_dtype(name: str, loss_fn, module, repeats: int = 2):
     return choice
 
 
+def draft_token_ids(cfg: TrainConfig, feats, vocab_size: int):
+    """The reduced draft vocabulary of a config: its shared map (drafters trained on one map can be
+    weight-averaged), else the most frequent tokens of its training features (EAGLE-3 style); None for
+    the full vocabulary."""
+    import torch
+
+    if cfg.draft_vocab_map:
+        return torch.tensor(json.loads(Path(cfg.draft_vocab_map).read_text())["token_ids"], dtype=torch.long)
+    if cfg.draft_vocab_size:
+        counts = torch.bincount(torch.cat(feats.input_ids), minlength=vocab_size)
+        return counts.topk(cfg.draft_vocab_size).indices.sort().values
+    return None
+
+
 def train_worker(cfg_dict: dict) -> dict:
     """One training worker (rank r of world w). Runs inside Ray Train or alone (--no-ray)."""
     cfg = TrainConfig.from_dict({**cfg_dict["cfg"], "data": cfg_dict["cfg"]["data"]})
@@ -299,12 +313,7 @@ def train_worker(cfg_dict: dict) -> dict:
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     verifier = load_verifier(cfg.verifier, dtype=torch.bfloat16, device=device, with_tokenizer=False)
     feats = load_features(cfg.feature_dirs, verifier.identity)
-    token_ids = None
-    if cfg.draft_vocab_map:  # a shared map: drafters trained on it can be weight-averaged
-        token_ids = torch.tensor(json.loads(Path(cfg.draft_vocab_map).read_text())["token_ids"], dtype=torch.long)
-    elif cfg.draft_vocab_size:  # the most frequent training tokens (EAGLE-3 style reduced vocabulary)
-        counts = torch.bincount(torch.cat(feats.input_ids), minlength=verifier.model.config.vocab_size)
-        token_ids = counts.topk(cfg.draft_vocab_size).indices.sort().values
+    token_ids = draft_token_ids(cfg, feats, verifier.model.config.vocab_size)
     drafter = new_drafter(cfg.name, verifier, domain=cfg.domain or cfg.name, draft_vocab_size=cfg.draft_vocab_size,
                           seed=cfg.seed, token_ids=token_ids, head=cfg.draft_head, num_layers=cfg.draft_layers)
     if cfg.init_from:  # same shape required (load_drafter checks the verifier); the token map too, unless the head
