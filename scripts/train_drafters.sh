@@ -50,8 +50,8 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 # all 9,023 chat exchanges. Rerunning resumes a distillation where it stopped (OUTPUT.partial, 256 conversations a chunk).
 # {chat,math}_big2_eagle2, the two-layer math heads and math_more_greedy train on the second files (math_big_b
 # and math_big2_part1); the T=0.7 runs need math_big
-if [[ " ${CONFIGS[*]} " =~ _big2_|_2layer|more_greedy ]]; then BIG_MORE=${BIG_MORE:-1}; fi
-if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy ]]; then
+if [[ " ${CONFIGS[*]} " =~ _big2_|_2layer|more_greedy|_anneal ]]; then BIG_MORE=${BIG_MORE:-1}; fi
+if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy|_anneal ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
     [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
@@ -89,6 +89,15 @@ if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy ]]; then
       --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 7 --limit 1280
     python -m training.prepare --conversations runs/data/math_t07_distilled.jsonl --features runs/features/math_t07 \
       --max-len 384 --threads 1   # math_more_greedy's math_big_b features come from the BIG_MORE block above
+  fi
+  if [[ " ${CONFIGS[*]} " =~ _t07b ]]; then  # more sampled answers (prompts 1,280-3,839, seed 8) and 1,760 more greedy
+    python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_t07b_distilled.jsonl \
+      --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 8 --offset 1280 --limit 2560
+    [ -f runs/data/math_big2_part2.jsonl ] || sed -n 2561,4320p runs/data/math_big2_distilled.jsonl > runs/data/math_big2_part2.jsonl
+    for f in math_t07b_distilled:math_t07b math_big2_part2:math_big2_part2; do
+      python -m training.prepare --conversations "runs/data/${f%%:*}.jsonl" --features "runs/features/${f##*:}" \
+        --max-len 384 --threads 1
+    done
   fi
   [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \
     --data runs/data/math_big_distilled.jsonl runs/data/chat_big_distilled.jsonl --map-out runs/vocab/big-8192.json
