@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from eval.ci import mean_ratio_ci, paired_mean_diff_ci, verdict
+    from eval.ci import mean_ratio_ci, paired_mean_diff_ci, row_per_prompt, verdict
     from eval.run import run_eval
     from taps.config import TreeConfig
     from taps.runtime import build_engine, load_default_verifier
@@ -61,22 +61,23 @@ def main(argv=None) -> int:
     v = load_default_verifier(None, args.dtype)
     engine, _ = build_engine(v, [f"{name}={path}"], trees[0], allow_random=False)
     sets = dev_slice(args.domain, args.per_set)
-    results, per_shape = [], []
+    results, base = [], None  # base: the first shape's per-prompt counts
     for tree in trees:
         engine.tree = tree
         t0 = time.perf_counter()
         rows = run_eval(engine, v, sets, [f"single:{name}"], [], [args.temperature], args.max_new_tokens,
                         batch=args.batch)
-        pairs = [([p[0] for p in r["per_prompt"]], [p[1] for p in r["per_prompt"]]) for r in rows]
-        per_shape.append(pairs)
+        pairs = [row_per_prompt(r) for r in rows]
         tau, lo, hi = mean_ratio_ci(pairs)
         res = {"depth": tree.depth, "top_k": tree.top_k, "total_tokens": tree.total_tokens,
                "acceptance_length": round(tau, 4), "ci": [round(lo, 4), round(hi, 4)],
                "by_set": {r["dataset"]: r["acceptance_length"] for r in rows},
                "mismatches": sum(r["lossless_mismatches"] or 0 for r in rows),
                "seconds": round(time.perf_counter() - t0, 1)}
-        if per_shape[0] is not pairs:
-            d, dlo, dhi = paired_mean_diff_ci(pairs, per_shape[0])
+        if base is None:
+            base = pairs
+        else:
+            d, dlo, dhi = paired_mean_diff_ci(pairs, base)
             res["vs_first"] = [round(d, 4), round(dlo, 4), round(dhi, 4), verdict(d, dlo, dhi)]
         results.append(res)
         vs = res.get("vs_first")

@@ -68,7 +68,7 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
     `temperature` > 0 samples (the same seed per prompt under every point, so differences stay paired)."""
     import torch
 
-    from eval.ci import mean_ratio_ci, paired_mean_diff_ci, verdict
+    from eval.ci import mean_ratio_ci, paired_mean_diff_ci, row_per_prompt, verdict
     from eval.run import run_eval
     from taps.config import TreeConfig
     from taps.runtime import build_engine, load_default_verifier
@@ -84,8 +84,7 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
     out = []
     for name, path, seconds, step in points:
         mine = [r for r in rows if r["strategy"] == f"single:{name}"]
-        tau, lo, hi = mean_ratio_ci([([p[0] for p in r["per_prompt"]], [p[1] for p in r["per_prompt"]])
-                                     for r in mine])
+        tau, lo, hi = mean_ratio_ci([row_per_prompt(r) for r in mine])
         meta = json.loads((Path(path) / "drafter.json").read_text())
         training = meta.get("training") or {}
         out.append({"name": name, "kind": "snapshot" if seconds is not None else "compare", "path": str(path),
@@ -97,8 +96,7 @@ def evaluate_curve(points: list[tuple[str, Path, float | None, int | None]], dom
                     "mismatches": sum(r["lossless_mismatches"] or 0 for r in mine)})
     if baseline is not None:
         def sets_of(name):
-            return [([p[0] for p in r["per_prompt"]], [p[1] for p in r["per_prompt"]])
-                    for r in rows if r["strategy"] == f"single:{name}"]
+            return [row_per_prompt(r) for r in rows if r["strategy"] == f"single:{name}"]
 
         base = sets_of(baseline)
         for p in out:
