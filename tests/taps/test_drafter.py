@@ -102,3 +102,26 @@ def test_a_deeper_head_starts_as_the_shallower_one_it_continues(tmp_path):
     with pytest.raises(ValueError, match="at least one decoder layer"):
         EagleDrafter(DrafterConfig("x", "x", v.model.config, v.identity, num_layers=0), v.model.embed_tokens,
                      v.model.lm_head)
+
+
+def test_a_drafters_token_map_is_written_back_as_a_training_map(tmp_path):
+    """training.reduce_vocab --map-from: the map a lost runs/vocab file held, recovered from the drafter
+    trained on it, so a config can continue that drafter on the same draft vocabulary."""
+    import json
+
+    import pytest
+
+    from training.reduce_vocab import main
+
+    v = _verifier(tmp_path)
+    keep = torch.tensor([5, 1, 77, 30, 2, 64])
+    save_drafter(with_reduced_vocab(new_drafter("chat", v, seed=2), keep), tmp_path / "d")
+    out = tmp_path / "vocab" / "map.json"
+    assert main(["--map-from", str(tmp_path / "d"), "--map-out", str(out), "--verifier", str(tmp_path / "v")]) == 0
+    got = json.loads(out.read_text())
+    assert got["token_ids"] == keep.tolist() and got["size"] == 6
+    with pytest.raises(SystemExit):  # a map is either counted from data or taken from a drafter, not both
+        main(["--map-from", str(tmp_path / "d"), "--map-out", str(out), "--data", str(out)])
+    save_drafter(new_drafter("full", v, seed=2), tmp_path / "full")
+    with pytest.raises(SystemExit, match="full vocabulary"):
+        main(["--map-from", str(tmp_path / "full"), "--map-out", str(out), "--verifier", str(tmp_path / "v")])
