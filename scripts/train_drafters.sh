@@ -51,7 +51,7 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 # {chat,math}_big2_eagle2, the two-layer math heads and math_more_greedy train on the second files (math_big_b
 # and math_big2_part1); the T=0.7 runs need math_big
 if [[ " ${CONFIGS[*]} " =~ _big2_|_2layer|more_greedy|_anneal ]]; then BIG_MORE=${BIG_MORE:-1}; fi
-if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy|_anneal ]]; then
+if [[ " ${CONFIGS[*]} " =~ (math|chat)_big_|_big2_|_2layer|math_t07|more_greedy|_anneal ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
   if [ ! -f runs/data/chat_big_first.jsonl ]; then
     [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
@@ -84,7 +84,7 @@ if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy|_anneal ]]; the
     done
     wait
   fi
-  if [[ " ${CONFIGS[*]} " =~ _t07|more_greedy ]]; then  # sampled answers beside the greedy ones (math_t07_eagle2)
+  if [[ " ${CONFIGS[*]} " =~ math_t07|2layer_t07|more_greedy ]]; then  # sampled answers beside the greedy ones (math_t07_eagle2)
     python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_t07_distilled.jsonl \
       --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 7 --limit 1280
     python -m training.prepare --conversations runs/data/math_t07_distilled.jsonl --features runs/features/math_t07 \
@@ -101,6 +101,55 @@ if [[ " ${CONFIGS[*]} " =~ _big_|_big2_|_2layer|_t07|more_greedy|_anneal ]]; the
   fi
   [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --size 8192 \
     --data runs/data/math_big_distilled.jsonl runs/data/chat_big_distilled.jsonl --map-out runs/vocab/big-8192.json
+fi
+# the third round (issue 18, 2026-12-03): chat_t07 / chat_g3k continue the shipped annealed chat drafter on 3,000
+# sampled (T=0.7) and 3,000 greedy chat answers; code_big continues the 320-conversation code drafter on 2,560;
+# mixed_big continues the shipped mixed drafter on 3,000 math + 3,000 chat. Each starts from a drafter of an
+# earlier commit (restored here) and keeps that drafter's token map (training.reduce_vocab --map-from).
+restore() {  # restore COMMIT NAME DIR: drafters/NAME as committed in COMMIT
+  [ -f "$3/drafter.json" ] && return
+  mkdir -p "$3"
+  for f in drafter.json model.safetensors; do git show "$1:drafters/$2/$f" > "$3/$f"; done
+}
+features() {  # features NAME...: runs/data/NAME_distilled.jsonl -> runs/features/NAME, one process per core
+  for n in "$@"; do
+    python -m training.prepare --conversations "runs/data/${n}_distilled.jsonl" --features "runs/features/$n" \
+      --max-len 384 --threads 1 &
+  done
+  wait
+}
+if [[ " ${CONFIGS[*]} " =~ chat_t07|chat_g3k|mixed_big ]]; then
+  if [ ! -f runs/data/chat_big_first.jsonl ]; then
+    [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
+    python -m training.data.first_turns runs/data/chat_big.jsonl runs/data/chat_big_first.jsonl --max-prompt-chars 2000
+  fi
+  python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_t07_distilled.jsonl \
+    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 9 --limit 3000 &
+  python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_g3k_distilled.jsonl \
+    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --offset 3000 --limit 3000 &
+  wait
+  features chat_t07 chat_g3k
+  [ -f runs/vocab/big-8192.json ] || python -m training.reduce_vocab --map-from drafters/chat --map-out runs/vocab/big-8192.json
+  restore a0b1bc2 chat runs/drafters/chat_anneal
+fi
+if [[ " ${CONFIGS[*]} " =~ code_big ]]; then
+  if [ ! -f runs/data/code_big_first.jsonl ]; then
+    [ -f runs/data/code_big.jsonl ] || python -m training.data.build --domain code --n 14000 --out runs/data/code_big.jsonl
+    python -m training.data.first_turns runs/data/code_big.jsonl runs/data/code_big_first.jsonl --max-prompt-chars 2000
+  fi
+  python -m training.distill --input runs/data/code_big_first.jsonl --output runs/data/code_big_distilled.jsonl \
+    --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --limit 2560
+  features code_big
+  restore 9e25147 code runs/drafters/code_320
+  [ -f runs/vocab/code-8192.json ] || python -m training.reduce_vocab --map-from runs/drafters/code_320 --map-out runs/vocab/code-8192.json
+fi
+if [[ " ${CONFIGS[*]} " =~ mixed_big ]]; then
+  [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
+  python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_m3k_distilled.jsonl \
+    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit 3000
+  features math_m3k
+  restore 9e25147 mixed runs/drafters/mixed_825
+  [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --map-from runs/drafters/mixed_825 --map-out runs/vocab/shared-8192.json
 fi
 # 3. one draft vocabulary for math, chat and mixed (weight averaging needs identical token maps)
 [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --size 8192 \
