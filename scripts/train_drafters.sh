@@ -104,7 +104,7 @@ if [[ " ${CONFIGS[*]} " =~ (math|chat)_big_|_big2_|_2layer|math_t07|more_greedy|
 fi
 # the third round (issue 18, 2026-12-03): chat_t07 / chat_g3k continue the shipped annealed chat drafter on 3,000
 # sampled (T=0.7) and 3,000 greedy chat answers; code_big continues the 320-conversation code drafter on 2,560;
-# mixed_big continues the shipped mixed drafter on 3,000 math + 3,000 chat. Each starts from a drafter of an
+# mixed_big continues the shipped mixed drafter on 1,536 math + 1,536 chat. Each starts from a drafter of an
 # earlier commit (restored here) and keeps that drafter's token map (training.reduce_vocab --map-from).
 restore() {  # restore COMMIT NAME DIR: drafters/NAME as committed in COMMIT
   [ -f "$3/drafter.json" ] && return
@@ -145,9 +145,12 @@ if [[ " ${CONFIGS[*]} " =~ code_big ]]; then
 fi
 if [[ " ${CONFIGS[*]} " =~ mixed_big ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
-  python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_m3k_distilled.jsonl \
-    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit 3000
-  features math_m3k
+  python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_m1536_distilled.jsonl \
+    --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --limit 1536
+  [ -f runs/data/chat_g3k_1536.jsonl ] || head -1536 runs/data/chat_g3k_distilled.jsonl > runs/data/chat_g3k_1536.jsonl
+  features math_m1536
+  python -m training.prepare --conversations runs/data/chat_g3k_1536.jsonl --features runs/features/chat_g3k_1536 \
+    --max-len 384 --threads 1
   restore 9e25147 mixed runs/drafters/mixed_825
   [ -f runs/vocab/shared-8192.json ] || python -m training.reduce_vocab --map-from runs/drafters/mixed_825 --map-out runs/vocab/shared-8192.json
 fi
