@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eval import paper
 from eval.ci import verdict
-from eval.report_md import _row, avg_ci, compare
+from eval.report_md import _row, _tau, avg_ci, compare
 
 MATH_SETS = ("gsm_symbolic", "mathematics", "svamp_like")
 
@@ -46,7 +46,7 @@ def check(rows: list[dict], temp: float = 0.0) -> list[tuple[str, str, bool]]:
         out.append(("single:chat on MT-Bench >= 2.2", _fmt(sc), sc[0] >= 2.2))
     singles = sorted({r["strategy"] for r in rows if r["strategy"].startswith("single:")})
     for ds in sorted({r["dataset"] for r in rows}):
-        taus = {s: _row(rows, ds, s, temp)["acceptance_length"] for s in singles if _row(rows, ds, s, temp)}
+        taus = {s: t for s in singles if (t := _tau(rows, ds, s, temp)) is not None}
         if not taus or _row(rows, ds, "merged", temp) is None:
             continue
         best = max(taus, key=taus.get)

@@ -20,6 +20,25 @@ CODE_MORE_N=${CODE_MORE_N:-192}
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(math_eagle2 chat_eagle2 code_eagle2 math_hass chat_hass mixed_eagle2 mixed_hass
                                      math_text_eagle2)
+restore() {  # restore COMMIT NAME DIR: drafters/NAME as committed in COMMIT
+  [ -f "$3/drafter.json" ] && return
+  mkdir -p "$3"
+  for f in drafter.json model.safetensors; do git show "$1:drafters/$2/$f" > "$3/$f"; done
+}
+features() {  # features NAME...: runs/data/NAME_distilled.jsonl -> runs/features/NAME, one process per core;
+  local n p pids=()  # a failed extraction stops the script, as a foreground one would
+  for n in "$@"; do
+    python -m training.prepare --conversations "runs/data/${n}_distilled.jsonl" --features "runs/features/$n" \
+      --max-len 384 --threads 1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
+big_first() {  # big_first DOMAIN: every training conversation of DOMAIN (14,000 asked), cut to its first exchange
+  [ -f "runs/data/$1_big_first.jsonl" ] && return
+  [ -f "runs/data/$1_big.jsonl" ] || python -m training.data.build --domain "$1" --n 14000 --out "runs/data/$1_big.jsonl"
+  python -m training.data.first_turns "runs/data/$1_big.jsonl" "runs/data/$1_big_first.jsonl" --max-prompt-chars 2000
+}
 
 # 1. conversations from the data builders (held-out split: training/data/sources.py)
 [ -f runs/data/math.jsonl ] || python -m training.data.build --domain math --n 1600 --out runs/data/math.jsonl
@@ -53,10 +72,7 @@ python -m training.distill --input runs/data/code_first.jsonl --output runs/data
 if [[ " ${CONFIGS[*]} " =~ _big2_|_2layer|more_greedy|_anneal ]]; then BIG_MORE=${BIG_MORE:-1}; fi
 if [[ " ${CONFIGS[*]} " =~ (math|chat)_big_|_big2_|_2layer|math_t07|more_greedy|_anneal ]]; then
   [ -f runs/data/math_big.jsonl ] || python -m training.data.build --domain math --n 14000 --out runs/data/math_big.jsonl
-  if [ ! -f runs/data/chat_big_first.jsonl ]; then
-    [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
-    python -m training.data.first_turns runs/data/chat_big.jsonl runs/data/chat_big_first.jsonl --max-prompt-chars 2000
-  fi
+  big_first chat
   BIG_MATH_N=${BIG_MATH_N:-3840}
   BIG_CHAT_N=${BIG_CHAT_N:-2304}
   python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_big_distilled.jsonl \
@@ -87,8 +103,7 @@ if [[ " ${CONFIGS[*]} " =~ (math|chat)_big_|_big2_|_2layer|math_t07|more_greedy|
   if [[ " ${CONFIGS[*]} " =~ math_t07|2layer_t07|more_greedy ]]; then  # sampled answers beside the greedy ones (math_t07_eagle2)
     python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_t07_distilled.jsonl \
       --max-new-tokens 256 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 7 --limit 1280
-    python -m training.prepare --conversations runs/data/math_t07_distilled.jsonl --features runs/features/math_t07 \
-      --max-len 384 --threads 1   # math_more_greedy's math_big_b features come from the BIG_MORE block above
+    features math_t07   # math_more_greedy's math_big_b features come from the BIG_MORE block above
   fi
   if [[ " ${CONFIGS[*]} " =~ _t07b ]]; then  # more sampled answers (prompts 1,280-3,839, seed 8) and 1,760 more greedy
     python -m training.distill --input runs/data/math_big.jsonl --output runs/data/math_t07b_distilled.jsonl \
@@ -106,23 +121,8 @@ fi
 # sampled (T=0.7) and 3,000 greedy chat answers; code_big continues the 320-conversation code drafter on 2,560;
 # mixed_big continues the shipped mixed drafter on 1,536 math + 1,536 chat. Each starts from a drafter of an
 # earlier commit (restored here) and keeps that drafter's token map (training.reduce_vocab --map-from).
-restore() {  # restore COMMIT NAME DIR: drafters/NAME as committed in COMMIT
-  [ -f "$3/drafter.json" ] && return
-  mkdir -p "$3"
-  for f in drafter.json model.safetensors; do git show "$1:drafters/$2/$f" > "$3/$f"; done
-}
-features() {  # features NAME...: runs/data/NAME_distilled.jsonl -> runs/features/NAME, one process per core
-  for n in "$@"; do
-    python -m training.prepare --conversations "runs/data/${n}_distilled.jsonl" --features "runs/features/$n" \
-      --max-len 384 --threads 1 &
-  done
-  wait
-}
 if [[ " ${CONFIGS[*]} " =~ chat_t07|chat_g3k|mixed_big ]]; then
-  if [ ! -f runs/data/chat_big_first.jsonl ]; then
-    [ -f runs/data/chat_big.jsonl ] || python -m training.data.build --domain chat --n 14000 --out runs/data/chat_big.jsonl
-    python -m training.data.first_turns runs/data/chat_big.jsonl runs/data/chat_big_first.jsonl --max-prompt-chars 2000
-  fi
+  big_first chat
   python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_t07_distilled.jsonl \
     --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --temperature 0.7 --seed 9 --limit 3000 &
   python -m training.distill --input runs/data/chat_big_first.jsonl --output runs/data/chat_g3k_distilled.jsonl \
@@ -133,10 +133,7 @@ if [[ " ${CONFIGS[*]} " =~ chat_t07|chat_g3k|mixed_big ]]; then
   restore a0b1bc2 chat runs/drafters/chat_anneal
 fi
 if [[ " ${CONFIGS[*]} " =~ code_big ]]; then
-  if [ ! -f runs/data/code_big_first.jsonl ]; then
-    [ -f runs/data/code_big.jsonl ] || python -m training.data.build --domain code --n 14000 --out runs/data/code_big.jsonl
-    python -m training.data.first_turns runs/data/code_big.jsonl runs/data/code_big_first.jsonl --max-prompt-chars 2000
-  fi
+  big_first code
   python -m training.distill --input runs/data/code_big_first.jsonl --output runs/data/code_big_distilled.jsonl \
     --max-new-tokens 192 --batch-size 64 --chunk 256 --threads 1 --limit 2560
   features code_big

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from taps.models.drafter import load_drafter, save_drafter, with_reduced_vocab
-from taps.models.loading import load_verifier
+from taps.models.loading import load_verifier, load_verifier_parts
 
 
 def token_counts(paths: list[Path], tokenizer) -> Counter:
@@ -64,7 +64,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def write_map_of(drafter_dir: Path, out: Path, verifier_name: str | None = None) -> int:
     """Write a trained drafter's token map (its d2t) as a training map, so a config can continue it
     (`init_from` with a non-verifier-rows head needs the same map) or train a sibling for averaging."""
-    drafter = load_drafter(drafter_dir, load_verifier(verifier_name, with_tokenizer=False))
+    drafter = load_drafter(drafter_dir, load_verifier_parts(verifier_name))  # embedding and lm_head only
     if drafter.d2t is None:
         raise SystemExit(f"{drafter_dir} has the full vocabulary: no token map to write")
     ids = drafter.d2t.cpu().tolist()
