@@ -1,15 +1,15 @@
-"""Remote adapters for taps.loop: a drafter behind gRPC as a Proposer, the verifier actor as a
-Verifier. The router runs the same decode loop as the in-process engine over these."""
+"""Remote adapter for taps.loop: a drafter behind gRPC as a Proposer. The verifier actor runs the
+same decode loop as the in-process engine over these and its own local verifier."""
 
 from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from actors.grpc_client import DrafterError
-from taps.loop import DraftInput, ProposerError, VerifierUnavailable
-from taps.scheduler import Load
+from taps.loop import DraftInput, ProposerError
 from taps.tree import DraftTree
-from taps.verify import PrefillJob, PrefillResult, VerifyJob, VerifyResult
 
 
 class GrpcProposer:
@@ -20,9 +20,10 @@ class GrpcProposer:
         self.name, self.client, self.deadline_s = name, client, deadline_s
 
     async def propose(self, inp: DraftInput) -> DraftTree:
+        hidden = inp.hidden.float() if inp.hidden.dtype == torch.float64 else inp.hidden  # the wire has no float64
         try:
             tree, _ = await asyncio.wait_for(
-                self.client.draft(inp.request_id, inp.tokens, inp.hidden, inp.tree, timeout_s=self.deadline_s,
+                self.client.draft(inp.request_id, inp.tokens, hidden, inp.tree, timeout_s=self.deadline_s,
                                   start=inp.start), timeout=self.deadline_s)
         except DrafterError as e:
             raise ProposerError(self.name, str(e), lost=getattr(e.code, "name", "") == "NOT_FOUND") from e
@@ -32,34 +33,3 @@ class GrpcProposer:
 
     async def release(self, request_id: str) -> None:
         await asyncio.wait_for(self.client.release(request_id), timeout=2.0)
-
-
-class ActorVerifier:
-    """The VerifierActor (a Ray actor handle) as a Verifier. The actor gathers the calls of every
-    router replica into ticks; each answer carries the actor's load, which the tree policy reads."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self._load: Load | None = None
-
-    async def _call(self, method, job):
-        import ray
-
-        try:
-            result, load = await method.remote(job)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            raise VerifierUnavailable(str(e)) from e
-        self._load = Load(**load) if load else None
-        return result
-
-    async def prefill(self, job: PrefillJob) -> PrefillResult:
-        return await self._call(self.handle.prefill, job)
-
-    async def verify(self, job: VerifyJob) -> VerifyResult:
-        return await self._call(self.handle.verify, job)
-
-    async def release(self, request_id: str) -> None:
-        self.handle.release.remote(request_id)
-
-    def load(self) -> Load | None:
-        return self._load

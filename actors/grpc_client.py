@@ -146,3 +146,19 @@ class SyncDrafterClient(_Base):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ClientPool:
+    """One DrafterClient per address, per event loop (grpc.aio channels are loop-bound)."""
+
+    def __init__(self):
+        self._clients: dict[str, DrafterClient] = {}
+
+    def get(self, address: str) -> DrafterClient:
+        c = self._clients.get(address)
+        if c is None:
+            c = self._clients[address] = DrafterClient(address)
+        return c
+
+    def drop(self, address: str) -> None:
+        self._clients.pop(address, None)

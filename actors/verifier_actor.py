@@ -1,27 +1,59 @@
-"""VerifierActor: hosts the verifier (one A100-class GPU on a cluster) and verifies the trees of every
-request in flight, gathered into ticks (one forward per tick, taps.scheduler). A thin shell over
-taps.verify.VerifierRunner; calls from all router replicas are concurrent (an async actor)."""
+"""VerifierActor: hosts the verifier (one A100-class GPU on a cluster) and runs the decode loop of
+every request beside it. A thin shell over taps.verify.VerifierRunner and taps.loop.decode.
+
+`generate(plan)` (a streaming actor method) decodes one request: the loop (taps.loop.decode) runs in
+this process over the local verifier (ticks of one forward for every request in flight,
+taps.scheduler) and the plan's drafters over gRPC (actors.adapters.GrpcProposer). So a step costs
+one gRPC round to the drafters and no remote call to the verifier: the verifier's hidden states go
+from here straight to the drafters, and the text is detokenized once, here (each `Emitted` event
+carries its delta). The decode service (cluster.decode) resolves the strategy and the drafter
+addresses, admits the request and relays the events. The per-strategy tree policies of
+`tree.mode: auto` live here too, next to the load they price, shared by every decode replica.
+
+A request's state here (KV slot, pairs) goes when its decoding ends, fails or is cancelled (the
+loop's `finally`): the decode service cancels the stream when its caller leaves."""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
+from dataclasses import dataclass, field
 
 import torch
 
+from taps.adaptive import TreePolicy, online_policy
+from taps.compose import Strategy
+from taps.config import SamplingConfig, TreeConfig
+from taps.loop import LocalVerifier, decode
 from taps.models.loading import load_verifier
 from taps.runtime import parse_dtype, resolve_dtype
 from taps.scheduler import BatchingVerifier
-from taps.verify import PrefillJob, PrefillResult, VerifierRunner, VerifyJob, VerifyResult
+from taps.text import TextStream
+from taps.verify import VerifierRunner
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """One request, resolved by the decode service: what to decode, with which drafters (name -> the
+    gRPC address of the replica that serves this request), and how to size trees."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_new_tokens: int
+    strategy: Strategy
+    drafters: dict[str, str] = field(default_factory=dict)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    auto: bool = True  # tree.mode auto: the strategy's online policy picks each step's arm
+    deadline_s: float = 5.0  # per-step drafter deadline: a late drafter sits the step out
+    stop: tuple[str, ...] = ()
+
+
 class VerifierActor:
     def __init__(self, verifier: str | None = None, dtype: str = "float32", max_len: int = 2048,
-                 device: str | None = None, threads: int = 0, idle_timeout_s: float = 600.0,
-                 max_batch_rows: int = 1024):
+                 device: str | None = None, threads: int = 0, max_batch_rows: int = 1024):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction). On CPU the verifier,
         # the one compute-bound actor, gets every core but one unless told otherwise: the router,
@@ -33,8 +65,10 @@ class VerifierActor:
         self.verifier = load_verifier(verifier, dtype=parse_dtype(self.dtype), device=device, with_tokenizer=False)
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
         self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
-        self._last_used: dict[str, float] = {}
-        self._idle_timeout_s = idle_timeout_s
+        self._tokenizer = None  # loaded on the first generate (prefill / verify callers do not need it)
+        self._eos: frozenset[int] = frozenset()
+        self._pool = None  # gRPC clients to the drafters, one per address (bound to this actor's loop)
+        self.policies: dict[tuple, TreePolicy] = {}
 
     def info(self) -> dict:
         cfg = self.verifier.model.config
@@ -45,30 +79,46 @@ class VerifierActor:
                 "row_quantum": self.runner.pad_to, "ticks": self.scheduler.ticks,
                 "max_batch": self.scheduler.max_batch, "load": self.scheduler.load().to_dict()}
 
-    async def prefill(self, job: PrefillJob) -> tuple[PrefillResult, dict]:
-        self._evict_idle()
-        self._last_used[job.request_id] = time.monotonic()
-        out = await self.scheduler.submit(job)
-        # clone: a view would pickle the whole tick's hidden states
-        return (PrefillResult(root=out.root, hidden=out.hidden.float().cpu().clone(), logprobs=out.logprobs),
-                self.scheduler.load().to_dict())
+    def _text_side(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-    async def verify(self, job: VerifyJob) -> tuple[VerifyResult, dict]:
-        self._last_used[job.request_id] = time.monotonic()
-        res = await self.scheduler.submit(job)
-        return (VerifyResult(tokens=res.tokens, accepted_nodes=res.accepted_nodes, hidden=res.hidden.float().cpu().clone(),
-                             logprobs=res.logprobs),
-                self.scheduler.load().to_dict())
+            from taps.models.loading import eos_token_ids
 
-    def release(self, request_id: str) -> None:
-        self.runner.release(request_id)
-        self._last_used.pop(request_id, None)
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.verifier.directory))
+            self._eos = frozenset(eos_token_ids(self._tokenizer, self.verifier.directory))
+        return self._tokenizer, self._eos
 
-    def _evict_idle(self) -> None:
-        now = time.monotonic()
-        for r in [r for r, t in list(self._last_used.items()) if now - t > self._idle_timeout_s]:
-            log.warning("evicting idle request %s", r)
-            self.release(r)
+    def _policy(self, plan: DecodePlan) -> TreePolicy | None:
+        """tree.mode auto: one online policy per strategy kind and drafter set, for the actor's life."""
+        strategy = plan.strategy
+        if not plan.auto or strategy.kind == "none" or not strategy.drafters:
+            return None
+        key = (strategy.kind, tuple(strategy.drafters))
+        if key not in self.policies:
+            self.policies[key] = online_policy(strategy)
+        return self.policies[key]
+
+    async def generate(self, plan: DecodePlan):
+        """Decode one request here; yields taps.loop's events (Started, Emitted, ..., Finished)."""
+        from actors.adapters import GrpcProposer
+        from actors.grpc_client import ClientPool
+
+        tokenizer, eos = self._text_side()
+        if self._pool is None:
+            self._pool = ClientPool()
+        links = {n: GrpcProposer(n, self._pool.get(addr), plan.deadline_s) for n, addr in plan.drafters.items()}
+        gen = decode(LocalVerifier(self.scheduler), links, plan.prompt_ids, plan.strategy, plan.sampling,
+                     plan.max_new_tokens, eos, plan.tree, policy=self._policy(plan), request_id=plan.request_id,
+                     text=TextStream(tokenizer, plan.stop))
+        try:
+            async for event in gen:
+                yield event
+        finally:
+            await gen.aclose()
+
+    def policy_summary(self) -> dict:
+        return {f"{k[0]}:{','.join(k[1])}": p.summary() for k, p in self.policies.items()}
 
     def ready(self) -> bool:
         return True

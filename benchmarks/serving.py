@@ -7,6 +7,12 @@ output at 1 stream (temperature 0). A benchmark, not a test: it prints figures, 
     python benchmarks/serving.py                         # starts `taps serve --drafters math,chat --tree auto`
     python benchmarks/serving.py --url http://127.0.0.1:8000 --streams 1,8   # a running server
     python benchmarks/serving.py --out runs/serving.json --plot docs/serving_throughput.png --table docs/...md
+    python benchmarks/serving.py --bare                  # what users get: a bare `taps serve`, plain requests
+
+`--bare` starts `taps serve` with no flags and sends plain OpenAI chat requests (no `taps` field: the
+server's default) beside the same requests with `{"taps": {"strategy": "none"}}`, on math prompts
+(gsm_symbolic) and chat prompts (MT-Bench) separately, at each concurrency: tokens/s, the ratio,
+TTFT, inter-token latency and acceptance length, every response checked against the server's `none`.
 
 Per-step overhead: the router's stats time each step's drafting (gRPC) and verification (Ray call
 to the verifier actor, its tick, serialization) while the in-process engine times the same work
@@ -50,8 +56,10 @@ def _free_port() -> int:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--tree", args.tree,
-           "--drafters", args.drafters]
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
+    if not args.bare:
+        cmd += ["--tree", args.tree, "--drafters", args.drafters]
+    cmd += args.serve_args.split() if args.serve_args else []
     log = open(args.server_log, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -111,6 +119,95 @@ async def http_rows(args, url: str) -> tuple[list[dict], dict]:
                            "latency_s": round(sum(o["latency"] for o in outs), 3),
                            "tokens": sum(len(o["token_ids"]) for o in outs)}
     return rows, {"refs": refs, "solo": solo}
+
+
+def prompt_set(path: str, n: int) -> list[str]:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return [r["prompt"] for r in rows[:n]]
+
+
+BARE_SETS = {"math": "eval/prompts/gsm_symbolic.jsonl", "chat": "eval/prompts/mtbench.jsonl"}
+
+
+async def bare_rows(args, url: str) -> tuple[list[dict], dict]:
+    """Plain requests (the server's default) against `none`, per prompt set and concurrency."""
+    import httpx
+
+    check_loopback(url)
+    root = Path(__file__).resolve().parents[1]
+    sets = {name: prompt_set(str(root / path), args.prompts) for name, path in BARE_SETS.items()}
+    rows, refs_all = [], {}
+    async with httpx.AsyncClient(timeout=args.timeout) as client:
+        for name, prompts in sets.items():
+            refs_all[name] = await references(client, url, {}, args.tokens, prompts)
+        for name, prompts in sets.items():  # warm-up: the default's policy starts learning
+            for p in prompts[:2]:
+                await one(client, url, {}, p, None, args.tokens)
+        for streams in args.streams:
+            for name in sets:
+                for strat in (None, "none"):
+                    n = max(args.min_requests, 2 * streams)
+                    r = await drive(client, url, {}, refs_all[name], strat, streams, n, args.tokens, args.time_limit)
+                    r.update(set=name, strategy=strat or "default")
+                    rows.append(r)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+        breakdown = {}  # 1 stream, one request at a time: where a step's time goes
+        for strat in (None, "none"):
+            outs = [await one(client, url, {}, p, strat, args.tokens, with_stats=True)
+                    for name in sets for p in sets[name][:args.solo_prompts]]
+            breakdown[strat or "default"] = step_breakdown(outs)
+            print(json.dumps({"breakdown": strat or "default", **breakdown[strat or "default"]}), file=sys.stderr)
+    return rows, {"refs": refs_all, "breakdown": breakdown}
+
+
+def step_breakdown(outs: list[dict]) -> dict:
+    """Per step (ms), from the client's clock and the loop's own stats (timing_s): drafting (the gRPC
+    round to the drafters, features included), verification (the verifier's tick, and before the
+    loop moved beside the verifier also the Ray call to it), the rest of the loop (policy, text,
+    events), and what lies outside the loop (HTTP, the proxy, the front end, the hops that relay
+    the events)."""
+    steps = sum(o["stats"]["steps"] for o in outs) or 1
+    tokens = sum(len(o["token_ids"]) for o in outs)
+    t = {k: sum(o["stats"]["timing_s"][k] for o in outs) for k in ("draft", "verify", "total")}
+    latency = sum(o["latency"] for o in outs)
+    ms = lambda x: round(1000 * x / steps, 2)  # noqa: E731
+    return {"requests": len(outs), "steps": steps, "tokens": tokens, "draft_ms": ms(t["draft"]),
+            "verify_ms": ms(t["verify"]), "loop_other_ms": ms(t["total"] - t["draft"] - t["verify"]),
+            "outside_loop_ms": ms(latency - t["total"]), "client_ms": ms(latency),
+            "ms_per_token": round(1000 * latency / max(1, tokens), 2)}
+
+
+def bare_table(report: dict) -> str:
+    rows = report["rows"]
+    base = {(r["set"], r["streams"]): r["tokens_per_s"] for r in rows if r["strategy"] == "none"}
+    lines = [f"CPU: {report['cpu']} ({report['cores']} cores); bare `taps serve`, plain OpenAI chat requests "
+             f"(no `taps` field) vs `{{\"taps\": {{\"strategy\": \"none\"}}}}`, {report['tokens']} tokens, T=0, "
+             f"{report['prompts']} prompts per set, {report['date']}.", "",
+             "| set | streams | default tok/s | `none` tok/s | default / `none` | TTFT p50 s (default / none) "
+             "| ITL p50 ms (default / none) | acceptance length | mismatches |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["strategy"] != "default":
+            continue
+        b = base[(r["set"], r["streams"])]
+        nr = next(x for x in rows if x["strategy"] == "none" and x["set"] == r["set"] and x["streams"] == r["streams"])
+        lines.append(f"| {r['set']} | {r['streams']} | {r['tokens_per_s']:.1f} | {b:.1f} | **{r['tokens_per_s'] / b:.2f}** | "
+                     f"{r['ttft_p50_s']} / {nr['ttft_p50_s']} | {r['itl_p50_ms']} / {nr['itl_p50_ms']} | "
+                     f"{r['acceptance_length']} | {r['lossless_mismatches'] + nr['lossless_mismatches']} |")
+    bd = report.get("breakdown")
+    if bd:
+        lines += ["", "Per step at 1 stream (ms; the loop's own clock, and the client's for the rest):", "",
+                  "| strategy | steps | drafting (gRPC) | verification | prefill and the rest of the loop | outside the loop "
+                  "(HTTP, proxy, front end, relays) | client per step | ms per token |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for k, b in bd.items():
+            lines.append(f"| {k} | {b['steps']} | {b['draft_ms']} | {b['verify_ms']} | {b['loop_other_ms']} | "
+                         f"{b['outside_loop_ms']} | {b['client_ms']} | {b['ms_per_token']} |")
+    for name in sorted({r["set"] for r in rows}):
+        one_, eight = base.get((name, 1)), base.get((name, 8))
+        if one_ and eight:
+            lines.append(f"\n`none` scaling on {name}: 8 streams {eight:.1f} tok/s = {eight / one_:.2f}x 1 stream.")
+    return "\n".join(lines)
 
 
 def inprocess(args, refs: dict) -> dict:
@@ -211,6 +308,9 @@ def plot(report: dict, path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
+    ap.add_argument("--bare", action="store_true", help="a bare `taps serve`, plain requests: default vs none")
+    ap.add_argument("--prompts", type=int, default=8, help="--bare: prompts per set (math, chat)")
+    ap.add_argument("--serve-args", default="", help="extra `taps serve` arguments (A/B of a server setting)")
     ap.add_argument("--drafters", default="math,chat")
     ap.add_argument("--tree", default="auto", choices=["fixed", "auto"])
     ap.add_argument("--streams", default="1,2,4,8,16")
@@ -235,6 +335,21 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         proc, url = start_server(args)
+    if args.bare:
+        try:
+            rows, extra = asyncio.run(bare_rows(args, url))
+        finally:
+            if proc is not None:
+                stop_server(proc)
+        report = {"cpu": cpu_name(), "cores": os.cpu_count(), "tokens": args.tokens, "prompts": args.prompts,
+                  "streams": args.streams, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M"), "mode": "bare",
+                  "breakdown": extra["breakdown"]}
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        md = bare_table(report)
+        print(md)
+        if args.table:
+            Path(args.table).write_text(md + "\n")
+        return 0
     try:
         rows, extra = asyncio.run(http_rows(args, url))
     finally:

@@ -1,10 +1,12 @@
 """The Ray Serve application, in the shape of Ray Serve LLM's builders: `build_app(cfg)` validates
 the config once and binds three deployments, each given its dependencies as handles.
 
-    OpenAIFrontEnd (ingress, autoscaled)   HTTP: schemas, auth, limits, tokenization, SSE
-        -> DecodeService (autoscaled)      token ids in, emitted tokens out (taps.loop.decode over
-                                           the verifier actor and the drafters' gRPC)
-        -> DrafterFleet (one replica)      drafter actors and the Redis registry; lazy starts
+    OpenAIFrontEnd  taps-frontend (ingress, autoscaled)   HTTP: schemas, auth, limits, tokenization, SSE
+        -> DecodeService  taps-decode (autoscaled)       admission, strategy and drafter resolution; relays
+                                                         the events of VerifierActor.generate (the decode
+                                                         loop, run beside the verifier, drafters over gRPC)
+        -> DrafterFleet   taps-fleet (one replica)       places every actor (verifier, drafters), the Redis
+                                                         registry, lazy starts; hands the verifier's handle over
 
 `cluster.app:build_app` is the import path for `serve deploy` / KubeRay.
 """
@@ -40,7 +42,7 @@ def build_app(args: dict | None = None):
         autoscaling_config={**scaling, "target_ongoing_requests": cfg.max_concurrent},
         max_ongoing_requests=cfg.max_concurrent + cfg.max_queue + 4, **_REPLICA).bind(config, fleet)
     front = serve.deployment(
-        serve.ingress(make_fastapi_app)(OpenAIFrontEnd), name="taps-router",
+        serve.ingress(make_fastapi_app)(OpenAIFrontEnd), name="taps-frontend",
         autoscaling_config={**scaling, "target_ongoing_requests": 4 * cfg.max_concurrent},
         max_ongoing_requests=4 * (cfg.max_concurrent + cfg.max_queue) + 16, **_REPLICA).bind(config, decoder, fleet)
     return front

@@ -31,11 +31,13 @@ class TreeArgs(BaseModel):
     depth: int = Field(5, ge=1, le=64)
     top_k: int = Field(4, ge=1, le=64)
     total_tokens: int = Field(16, ge=2, le=1024)
-    # fixed (default, CONTRACTS.md: every drafter drafts a tree each step): these sizes every step;
-    # auto: per strategy, the tree size (or no draft) with the best measured tokens/s, learnt from
-    # the router's own step times and priced by the verifier's load (taps.adaptive.online_policy):
-    # under load it stops drafting rather than slow every stream (docs/performance.md)
-    mode: Literal["fixed", "auto"] = "fixed"
+    # auto (the serving default, docs/api.md): per request and step, the arm with the best measured
+    # tokens/s among merged trees of every size, each drafter alone, and no draft at all, learnt from
+    # the step times the decode loop observes and priced by the verifier's load
+    # (taps.adaptive.online_policy): a drafter that does not pay for a request stops drafting for it,
+    # and under load the server stops drafting rather than slow every stream. fixed: every drafter
+    # drafts these sizes every step (the paper's tables; `taps eval` keeps it). Output is the same.
+    mode: Literal["fixed", "auto"] = "auto"
 
 
 class AppConfig(BaseModel):

@@ -1,9 +1,12 @@
-"""DecodeService: token ids in, a stream of emitted tokens out (a Serve deployment, autoscaled).
+"""DecodeService: token ids in, a stream of decode events out (a Serve deployment, autoscaled).
 
-It owns what decoding needs and nothing of HTTP: the verifier actor (shared by every replica), the
-drafters' gRPC clients (addresses from the registry), strategy resolution, admission (a bounded
-number of requests decoding per replica, a bounded queue behind them) and the per-strategy tree
-policies of `tree.mode: auto`. The loop itself is taps.loop.decode over the remote adapters.
+It owns admission and resolution and nothing of HTTP: a bounded number of requests decoding per
+replica and a bounded queue behind them, the strategy and drafter set of each request (the drafters'
+gRPC addresses from the registry, lazy starts through the fleet), and the context check. The
+decoding itself runs beside the verifier (actors.verifier_actor.VerifierActor.generate: the loop
+of taps.loop over the local verifier and the drafters' gRPC), which this service calls once per
+request and whose events (taps.loop: Started, Emitted with its text delta, Finished) it relays.
+The verifier actor is placed by the fleet (cluster.fleet), which hands its handle over.
 
 `generate(job)` is a streaming method. It raises its typed errors (cluster.errors) before the first
 item, so the front end can answer 4xx before any byte of a stream is sent; then it yields
@@ -13,22 +16,22 @@ item, so the front end can answer 4xx before any byte of a stream is sent; then 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, field
 
-from actors.adapters import ActorVerifier, GrpcProposer
+from actors.verifier_actor import DecodePlan
 from cluster.config import AppConfig
 from cluster.errors import (BadRequest, ContextLengthExceeded, QueueFull, UnknownDrafter, VerifierUnavailableError)
-from cluster.fleet import READY, ensure_registry_url, start_actor, verifier_options
-from cluster.openai_api import IncrementalDetokenizer, StopMatcher
+from cluster.fleet import READY, ensure_registry_url
 from cluster.registry import Registry
-from cluster.router import ClientPool, pick_replica
-from taps.adaptive import TreePolicy, online_policy
+from taps.adaptive import online_policy
 from taps.compose import parse_strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
-from taps.loop import VerifierUnavailable, decode, reserve_tokens
-from taps.stats import GenerationStats
+from taps.loop import Emitted, Finished, Started, reserve_tokens
+
+__all__ = ["DecodeJob", "DecodeService", "Emitted", "Finished", "Started", "pick_replica"]
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +47,34 @@ class DecodeJob:
     stop: tuple[str, ...] = ()  # stop sequences: decoding ends at the step whose text completes one
 
 
-@dataclass(frozen=True)
-class Started:
-    strategy: str
-    drafters: list[str]
-
-
-@dataclass(frozen=True)
-class Finished:
-    token_ids: list[int]
-    stats: GenerationStats
-    eos: bool  # the last token is an end-of-sequence token (finish_reason "stop")
-    stopped: bool  # a stop sequence ended decoding (finish_reason "stop"; the front end cuts the text)
-    drafter_errors: dict[str, int]
+def pick_replica(replicas: list[dict], request_id: str) -> dict | None:
+    """A request keeps one drafter replica for its lifetime: chosen by a hash of the request id."""
+    if not replicas:
+        return None
+    h = int(hashlib.sha256(request_id.encode()).hexdigest(), 16)
+    return sorted(replicas, key=lambda r: r["address"])[h % len(replicas)]
 
 
 class DecodeService:
-    def __init__(self, config: dict, fleet=None):
-        from transformers import AutoTokenizer
-
-        from actors.verifier_actor import VerifierActor
-        from taps.models.loading import eos_token_ids, resolve_verifier
-
+    def __init__(self, config: dict, fleet=None, verifier=None):
+        """`fleet`: the DrafterFleet handle (it places the verifier and the drafters; lazy starts).
+        `verifier`: the verifier actor's handle, when the caller has it; else the fleet's, fetched
+        on first use."""
         self.cfg = cfg = AppConfig.model_validate(config).resolved()
-        self.fleet = fleet  # DrafterFleet handle: lazy drafter starts
+        self.fleet = fleet
         self.tree = TreeConfig(**cfg.tree.model_dump(exclude={"mode"}))
-        self.policies: dict[tuple, TreePolicy] = {}
-        _, vdir = resolve_verifier(cfg.verifier)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(vdir))
-        self.eos_ids = frozenset(eos_token_ids(self.tokenizer, vdir))
         self.registry = Registry(ensure_registry_url(cfg))  # the fleet's (one named registry host)
-        self.verifier, self.verifier_info = start_actor(
-            VerifierActor, "taps-verifier", verifier_options(cfg),
-            (cfg.verifier, cfg.dtype, cfg.max_len), "verifier actor taps-verifier", cfg.placement_timeout_s,
-            cfg.start_timeout_s)
-        self.verifier_proxy = ActorVerifier(self.verifier)  # shared: it carries the verifier's load to the policies
-        self.pool = ClientPool()
+        self.verifier, self.verifier_info = verifier, None
         self._sem = asyncio.Semaphore(cfg.max_concurrent)
         self._waiting = 0
+
+    async def _verifier(self):
+        """(handle, info) of the verifier actor, from the fleet that placed it."""
+        if self.verifier is None:
+            self.verifier = await self.fleet.verifier.remote()
+        if self.verifier_info is None:
+            self.verifier_info = await self.verifier.info.remote()
+        return self.verifier, self.verifier_info
 
     # ------------------------------------------------------------------ resolution
     def _drafters(self) -> tuple[dict[str, list[dict]], set[str]]:
@@ -112,34 +105,23 @@ class DecodeService:
             ready, _ = self._drafters()
         return strategy, ready
 
-    def _stop_condition(self, stops: tuple[str, ...]):
-        """token ids -> whether their text holds a stop sequence: the front end's detokenizer and
-        stop matcher (cluster.openai_api), fed each step's new tokens, so both agree on the stop."""
-        if not stops:
-            return None
-        detok, matcher, fed = IncrementalDetokenizer(self.tokenizer), StopMatcher(list(stops)), [0]
-
-        def hit(ids: list[int]) -> bool:
-            matcher.push(detok.push(ids[fed[0]:]))
-            fed[0] = len(ids)
-            return matcher.hit
-
-        return hit
-
-    def _policy(self, strategy) -> TreePolicy | None:
-        """tree.mode auto: one online tree policy per strategy and drafter set, kept for the replica's life."""
-        if self.cfg.tree.mode != "auto" or strategy.kind == "none" or not strategy.drafters:
-            return None
-        key = (strategy.kind, tuple(strategy.drafters))
-        if key not in self.policies:
-            self.policies[key] = online_policy(strategy)
-        return self.policies[key]
+    def _largest_tree(self, strategy) -> TreeConfig:
+        """The largest tree one drafter may grow in a step (sizes the context reservation)."""
+        if self.cfg.tree.mode == "auto" and strategy.kind != "none" and strategy.drafters:
+            return online_policy(strategy).max_tree
+        return self.tree
 
     # ------------------------------------------------------------------ the stream
     async def generate(self, job: DecodeJob):
+        import ray
+
         if not job.prompt_ids:
             raise BadRequest("prompt is empty", param="prompt")
-        vocab = self.verifier_info["vocab_size"]
+        try:
+            verifier, info = await self._verifier()
+        except Exception as e:  # noqa: BLE001 - no verifier to decode with: a retry may find it back
+            raise VerifierUnavailableError(f"verifier unavailable, retry: {type(e).__name__}") from e
+        vocab = info["vocab_size"]
         if any(not 0 <= t < vocab for t in job.prompt_ids):
             raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if job.max_new_tokens > self.cfg.max_tokens_limit:
@@ -150,44 +132,38 @@ class DecodeService:
         self._waiting += 1
         try:
             strategy, ready = await self._resolve(job)
-            policy = self._policy(strategy)
-            largest = policy.max_tree if policy else self.tree
-            reserve = reserve_tokens(job.max_new_tokens, largest, len(strategy.drafters))
+            reserve = reserve_tokens(job.max_new_tokens, self._largest_tree(strategy), len(strategy.drafters))
             if len(job.prompt_ids) + reserve > self.cfg.max_len:
                 raise ContextLengthExceeded(
                     f"prompt of {len(job.prompt_ids)} tokens plus max_tokens {job.max_new_tokens} exceeds the "
                     f"context window of {self.cfg.max_len} tokens", param="messages")
-            links = {n: GrpcProposer(n, self.pool.get(pick_replica(ready[n], job.request_id)["address"]),
-                                     self.cfg.deadline_ms / 1000) for n in strategy.drafters}
+            plan = DecodePlan(job.request_id, list(job.prompt_ids), job.sampling, job.max_new_tokens, strategy,
+                              {n: pick_replica(ready[n], job.request_id)["address"] for n in strategy.drafters},
+                              self.tree, self.cfg.tree.mode == "auto", self.cfg.deadline_ms / 1000, tuple(job.stop))
             async with self._sem:
                 yield Started(strategy.name, list(strategy.drafters))
-                errors: dict[str, int] = {}
-
-                def on_error(name, _e):
-                    errors[name] = errors.get(name, 0) + 1
-
-                gen = decode(self.verifier_proxy, links, job.prompt_ids, strategy, job.sampling, job.max_new_tokens,
-                             self.eos_ids, self.tree, policy=policy, request_id=job.request_id, on_error=on_error,
-                             stop=self._stop_condition(job.stop))
+                events = verifier.generate.options(num_returns="streaming").remote(plan)
+                finished = False
                 try:
-                    async for item in gen:
-                        if isinstance(item, tuple):
-                            state = item[1]
-                            eos = bool(state.token_ids) and state.token_ids[-1] in self.eos_ids
-                            yield Finished(state.token_ids, state.stats, eos, state.stopped, errors)
-                        else:
-                            yield item
-                except VerifierUnavailable as e:
+                    async for ref in events:
+                        event = await ref
+                        if isinstance(event, Started):
+                            continue
+                        finished = isinstance(event, Finished)
+                        yield event
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                     raise VerifierUnavailableError(f"verifier unavailable, retry: {e}") from e
                 finally:
-                    await gen.aclose()
+                    if not finished:  # the caller left (or failed): stop decoding, free the request's state
+                        ray.cancel(events)
         finally:
             self._waiting -= 1
 
     # ------------------------------------------------------------------ calls
     async def health(self) -> bool:
         try:
-            await asyncio.wait_for(self.verifier.ready.remote(), timeout=5)
+            verifier, _ = await asyncio.wait_for(self._verifier(), timeout=5)
+            await asyncio.wait_for(verifier.ready.remote(), timeout=5)
             return True
         except Exception:  # noqa: BLE001 - reported as unhealthy
             return False

@@ -1,6 +1,9 @@
-"""DrafterFleet: owns the drafter actors and the Redis registry (one Serve replica per application).
+"""DrafterFleet: places every actor of the application, the verifier and the drafters, and owns the
+Redis registry (one Serve replica per application).
 
-- At start it registers every drafter of the config: `drafters` are started, `lazy_drafters` are
+- At start it places the verifier actor (`taps-verifier`, which runs the decode loops beside the
+  verifier) and hands its handle to the decode service (`verifier()`).
+- It registers every drafter of the config: `drafters` are started, `lazy_drafters` are
   registered as "available" and started by the first request that names one (`ensure`), or by
   `taps drafters add`. Concurrent requests for the same drafter share one start.
 - No actor waits for placement forever: before each actor is created its resources are checked
@@ -155,6 +158,7 @@ class DrafterFleet:
         self.registry = Registry(self.registry_url)
         self._entries: dict[str, DrafterEntry] = {}
         self._starts: dict[str, asyncio.Future] = {}
+        self.verifier_handle, self.verifier_info_ = self._start_verifier()
         for entry in self.cfg.lazy_drafters:
             if self.registry.snapshot().get(entry.name, {}).get("status") != READY:
                 self._register(entry, AVAILABLE)
@@ -166,6 +170,16 @@ class DrafterFleet:
             self._start(entry)
 
     # ------------------------------------------------------------------ lifecycle
+    def _start_verifier(self):
+        from actors.verifier_actor import VerifierActor
+
+        cfg = self.cfg
+        handle, info = start_actor(VerifierActor, "taps-verifier", verifier_options(cfg),
+                                   (cfg.verifier, cfg.dtype, cfg.max_len, None, cfg.threads),
+                                   "verifier actor taps-verifier", cfg.placement_timeout_s, cfg.start_timeout_s)
+        log.info("verifier ready: %s, %s, %d torch threads", info["name"], info["dtype"], info["torch_threads"])
+        return handle, info
+
     def _register(self, entry: DrafterEntry, status: str) -> str:
         from taps.models.drafter import read_drafter_config, sha256_dir
 
@@ -222,6 +236,13 @@ class DrafterFleet:
     # ------------------------------------------------------------------ calls (Serve handle methods)
     def url(self) -> str:
         return self.registry_url
+
+    def verifier(self):
+        """The verifier actor's handle (the decode service decodes through it)."""
+        return self.verifier_handle
+
+    def verifier_info(self) -> dict:
+        return self.verifier_info_
 
     async def ensure(self, names: list[str]) -> None:
         """Start every drafter of `names` that is registered but not running (lazy start)."""

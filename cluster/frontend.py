@@ -4,8 +4,8 @@ DrafterFleet; both arrive as Serve handles bound by `cluster.app.build_app`.
 
 Per request: `n` choices for each prompt (a list of prompts for completions), each one decode
 stream. Choice i of a seeded request uses seed + i, so choice 0 equals the same request with n=1.
-Stop sequences end decoding in the decode service (at the step that completes one) and are cut
-from the text here; `finish_reason` is "stop" for an end-of-sequence token or a stop sequence,
+Text arrives detokenized: each `Emitted` event carries its text delta, cut before a stop sequence
+by the decode loop (which ends decoding at the step that completes one); `finish_reason` is "stop" for an end-of-sequence token or a stop sequence,
 "length" for max_tokens, sent exactly once per choice, in its last chunk.
 """
 
@@ -26,8 +26,7 @@ from cluster.config import AppConfig
 from cluster.decode import DecodeJob, Finished, Started
 from cluster.errors import BadRequest, ModelNotFound, ServingError
 from cluster.metrics import Metrics
-from cluster.openai_api import (ChatRequest, CompletionRequest, DrafterAdd, IncrementalDetokenizer, StopMatcher,
-                                error)
+from cluster.openai_api import ChatRequest, CompletionRequest, DrafterAdd, error
 from taps.config import ConfigError, SamplingConfig
 from taps.loop import Emitted
 
@@ -69,8 +68,6 @@ class Choice:
 
     index: int
     stream: object  # DeploymentResponseGenerator
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
     prefix: str = ""  # echo: the prompt text, sent first
     text: str = ""
     logprobs: list = field(default_factory=list)  # TokenLogprob of every token received
@@ -85,17 +82,15 @@ class Choice:
         async for item in self.stream:
             if isinstance(item, Finished):
                 self.finished = item
-                delta = self.stop.push(self.detok.push([], final=True), final=True)
-                self.finish = "stop" if (item.eos or item.stopped or self.stop.hit) else "length"
-                self.text += delta
-                yield delta, []
+                self.finish = "stop" if (item.eos or item.stopped) else "length"
+                self.text += item.text
+                yield item.text, []
                 return
             if isinstance(item, Emitted):
                 lps = list(item.logprobs or [])
                 self.logprobs.extend(lps)
-                delta = self.stop.push(self.detok.push(item))
-                self.text += delta
-                yield delta, lps
+                self.text += item.text
+                yield item.text, lps
 
     def cancel(self) -> None:
         try:
@@ -205,8 +200,7 @@ class OpenAIFrontEnd:
             jobs = self._jobs(kind, req)
         except ServingError as e:
             return error_response(e)
-        choices = [Choice(i, self.decoder.options(stream=True).generate.remote(job),
-                          IncrementalDetokenizer(self.tokenizer), StopMatcher(list(job.stop)), prefix=echo)
+        choices = [Choice(i, self.decoder.options(stream=True).generate.remote(job), prefix=echo)
                    for i, (job, echo) in enumerate(jobs)]
         try:  # the first item: admitted (or a typed error, before anything is sent)
             starts = await asyncio.gather(*(c.stream.__anext__() for c in choices))

@@ -21,11 +21,16 @@ PROMPTS = ["What is 17*23?", "Write a haiku about the sea.", "Solve for x: 3x + 
 
 
 async def one(client, url, headers, prompt, strategy, max_tokens, with_stats=False):
+    """One streamed chat request; `strategy` None sends a plain OpenAI body (no `taps` field: the
+    server's default). Returns latency, time to first token, inter-token gaps and the final stats."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "taps": {"strategy": strategy}}
+            "stream": True}
+    if strategy is not None:
+        body["taps"] = {"strategy": strategy}
     t0 = time.perf_counter()
     first = None
     final = None
+    chunks = []  # (seconds since t0, characters) of every chunk with content
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             return {"error": r.status_code, "latency": time.perf_counter() - t0}
@@ -35,12 +40,19 @@ async def one(client, url, headers, prompt, strategy, max_tokens, with_stats=Fal
             msg = json.loads(line[6:])
             if "error" in msg:
                 return {"error": msg["error"]["code"], "latency": time.perf_counter() - t0}
+            now = time.perf_counter() - t0
             if first is None:
-                first = time.perf_counter() - t0
+                first = now
+            if any((c.get("delta") or {}).get("content") or c.get("text") for c in msg.get("choices", [])):
+                chunks.append(now)
             if "taps" in msg:
                 final = msg["taps"]
-    out = {"latency": time.perf_counter() - t0, "ttft": first, "token_ids": final["token_ids"],
-           "acceptance_length": final["acceptance_length"]}
+    latency = time.perf_counter() - t0
+    n = len(final["token_ids"])
+    out = {"latency": latency, "ttft": first, "token_ids": final["token_ids"],
+           "acceptance_length": final["acceptance_length"], "strategy_used": final.get("strategy"),
+           # inter-token latency as vLLM / guidellm define it: (last token - first token) / (tokens - 1)
+           "itl": (chunks[-1] - chunks[0]) / (n - 1) if len(chunks) > 1 and n > 1 else None}
     if with_stats:
         out["stats"] = final
     return out
@@ -85,8 +97,19 @@ async def drive(client, url: str, headers: dict, refs: dict, strategy: str, stre
             "lossless_mismatches": sum(1 for r in done if not r["lossless"]),
             "p50_s": round(q(0.5), 3), "p99_s": round(q(0.99), 3),
             "ttft_p50_s": round(statistics.median(r["ttft"] for r in done), 3) if done else None,
+            "itl_p50_ms": _median_ms([r["itl"] for r in done]), "itl_p99_ms": _q_ms([r["itl"] for r in done], 0.99),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
             "acceptance_length": round(statistics.mean(r["acceptance_length"] for r in done), 3) if done else None}
+
+
+def _median_ms(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(1000 * statistics.median(xs), 1) if xs else None
+
+
+def _q_ms(xs, q: float) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
 
 
 async def run(args) -> dict:

@@ -143,6 +143,7 @@ def main(args) -> int:
         print(f"TAPS-Serve ready on http://{args.host}:{args.port} (OpenAI API under /v1) in "
               f"{time.monotonic() - t0:.0f} s; Ray dashboard and job server on http://127.0.0.1:8265; Ctrl-C stops",
               flush=True)
+        print(defaults_line(AppConfig.model_validate(cfg), _verifier_info()), flush=True)
         while not stopping.wait(1.0):
             pass
     except _Interrupted:
@@ -154,6 +155,38 @@ def main(args) -> int:
         stopping.set()
         _shutdown(local)
     return rc
+
+
+def _verifier_info() -> dict:
+    import ray
+
+    from cluster.app import NAMESPACE
+
+    try:
+        return ray.get(ray.get_actor("taps-verifier", namespace=NAMESPACE).info.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the line then says what the config asked for
+        return {}
+
+
+def numerics_mode(dtype: str) -> str:
+    """'exact' for a float32 (or float64) verifier, else 'fast' (docs/api.md, numerics modes)."""
+    return "exact" if dtype in ("float32", "float64") else "fast"
+
+
+def defaults_line(cfg, info: dict) -> str:
+    """What a request without a `taps` field gets: strategy, drafters, tree mode, numerics mode."""
+    drafters = cfg.default_drafters or [d.name for d in cfg.drafters]
+    dtype = info.get("dtype", cfg.dtype)
+    if cfg.tree.mode == "auto":
+        tree = ("tree auto (per request and step: the merged tree, one drafter, or no draft, whichever "
+                "measures fastest)")
+    else:
+        t = cfg.tree
+        tree = f"tree fixed (depth {t.depth}, top-k {t.top_k}, {t.total_tokens} nodes per drafter every step)"
+    strategy = cfg.strategy if cfg.strategy == "none" or cfg.strategy.startswith("single:") else \
+        f"{cfg.strategy} over {', '.join(drafters) or 'every ready drafter'}"
+    return (f"default for requests without a `taps` field: {strategy}; {tree}; numerics: "
+            f"{numerics_mode(dtype)} ({dtype} verifier, {info.get('torch_threads', '?')} threads)")
 
 
 def _last_line(e: BaseException) -> str:

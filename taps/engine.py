@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from taps.adaptive import TreePolicy
 from taps.compose import Strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
-from taps.loop import Decoding, LocalProposer, LocalVerifier, decode
+from taps.loop import Decoding, Emitted, Finished, LocalProposer, LocalVerifier, decode
 from taps.scheduler import BatchingVerifier, fit_tick_cost
 from taps.stats import GenerationStats
 from taps.verify import ContextOverflowError, VerifierRunner
@@ -59,18 +59,18 @@ class TapsEngine:
         self._check(strategy)
         policy = self.policies.get(strategy.name)
         proposers = {d: LocalProposer(self.drafters[d], d) for d in strategy.drafters}
-        state = None
+        finished = None
         gen = decode(LocalVerifier(self.scheduler), proposers, prompt_ids, strategy, sampling, max_new_tokens,
                      self.eos_ids, self.tree, policy=policy, record_nodes=self.record_nodes)
         try:
             async for item in gen:
-                if isinstance(item, tuple):
-                    state = item[1]
-                elif on_tokens:
+                if isinstance(item, Finished):
+                    finished = item
+                elif isinstance(item, Emitted) and on_tokens:
                     on_tokens(item)
         finally:
             await gen.aclose()
-        return GenerationResult(state.token_ids, state.stats)
+        return GenerationResult(finished.token_ids, finished.stats)
 
     def generate(self, prompt_ids: list[int], strategy: Strategy, sampling: SamplingConfig,
                  max_new_tokens: int, on_tokens=None) -> GenerationResult:

@@ -89,13 +89,39 @@ def reserve_tokens(max_new_tokens: int, largest_tree: TreeConfig, n_drafters: in
 
 
 # ---------------------------------------------------------------------------------------- state
+@dataclass(frozen=True)
+class Started:
+    """First event of a decoding: the strategy and drafters it runs with (before the prefill)."""
+
+    strategy: str
+    drafters: list[str]
+
+
 class Emitted(list):
     """The tokens one step kept (a list of ids), with the verifier's log-probabilities of each
-    (`logprobs`, aligned with the tokens) when the request asked for them (sampling.logprobs)."""
+    (`logprobs`, aligned with the tokens) when the request asked for them (sampling.logprobs), and
+    `text`: the text delta they add (with a TextStream; held back while it may begin a stop
+    sequence or ends inside a UTF-8 sequence)."""
 
-    def __init__(self, tokens=(), logprobs: list[TokenLogprob] | None = None):
+    def __init__(self, tokens=(), logprobs: list[TokenLogprob] | None = None, text: str = ""):
         super().__init__(tokens)
         self.logprobs = logprobs
+        self.text = text
+
+    def __reduce__(self):  # pickles with its attributes (events cross process boundaries)
+        return (Emitted, (list(self), self.logprobs, self.text))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a decoding."""
+
+    token_ids: list[int]
+    stats: GenerationStats
+    eos: bool  # the last token is an end-of-sequence token (finish_reason "stop")
+    stopped: bool  # the caller's stop condition or a stop sequence ended decoding (finish_reason "stop")
+    drafter_errors: dict[str, int]  # steps each drafter sat out because it failed or was late
+    text: str = ""  # the text held back until the end (with a TextStream), cut before a stop sequence
 
 
 @dataclass
@@ -143,7 +169,7 @@ class Decoding:
         if stop is not None and not self.done and stop(self.token_ids):
             self.done = self.stopped = True
 
-    def start(self, prompt_ids: list[int], prefill: PrefillResult) -> list[int]:
+    def start(self, prompt_ids: list[int], prefill: PrefillResult) -> Emitted:
         self._next_tokens = torch.tensor(list(prompt_ids[1:]) + [prefill.root], dtype=torch.long)
         self._next_hidden = prefill.hidden
         kept = self._emit([prefill.root], prefill.logprobs)
@@ -167,7 +193,7 @@ class Decoding:
             self._tree, self._winner = compose(self.strategy, trees)
         return self._tree
 
-    def observe(self, result: VerifyResult, draft_s: float, verify_s: float) -> list[int]:
+    def observe(self, result: VerifyResult, draft_s: float, verify_s: float) -> Emitted:
         tree = self._tree
         winner = None
         if self.strategy.kind != "none" and tree.size > 1:
@@ -210,13 +236,15 @@ class PairHistory:
 async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids: list[int], strategy: Strategy,
                  sampling: SamplingConfig, max_new_tokens: int, eos_ids: frozenset[int], tree: TreeConfig,
                  policy: TreePolicy | None = None, request_id: str | None = None, on_error=None,
-                 record_nodes: bool = False, stop: Callable[[list[int]], bool] | None = None) -> AsyncIterator:
-    """Async generator of each step's kept tokens (`Emitted`, a list of ids); the final Decoding is
-    yielded last as ("done", state).
+                 record_nodes: bool = False, stop: Callable[[list[int]], bool] | None = None,
+                 text=None) -> AsyncIterator:
+    """Async generator of typed events: `Started`, then each step's kept tokens (`Emitted`, a list of
+    ids with their text delta), then `Finished`.
 
     Drafters of the strategy missing from `proposers` never draft. With `policy` each step's arm
     (a tree, SKIP, or a per-drafter plan) comes from the policy; else every drafter grows `tree`.
-    `stop(token_ids)`, asked after each step, ends decoding early (state.stopped; e.g. a stop string)."""
+    `stop(token_ids)`, asked after each step, ends decoding early (Finished.stopped). `text` (a
+    taps.text.TextStream) detokenizes each step once; a stop sequence it sees ends decoding too."""
     rid = request_id or uuid.uuid4().hex
     largest = policy.max_tree if policy else tree
     arms = policy.request() if policy else None  # this request's own tokens per arm
@@ -225,12 +253,27 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
         state.stats.node_log = []
     history = PairHistory()
     acked = {n: 0 for n in strategy.drafters}  # chunks of the history each drafter holds
+    errors: dict[str, int] = {}
+
+    def failed(name, e):
+        errors[name] = errors.get(name, 0) + 1
+        if on_error:
+            on_error(name, e)
+
+    def emitted(kept: Emitted) -> Emitted:
+        if text is not None:
+            kept.text = text.push(kept)
+            if text.hit and not state.done:
+                state.done = state.stopped = True
+        state.check_stop(stop)
+        return kept
+
+    yield Started(strategy.name, list(strategy.drafters))
     t0 = time.perf_counter()
     try:
         prefill = await verifier.prefill(PrefillJob(rid, list(prompt_ids), sampling,
                                                     reserve_tokens(max_new_tokens, largest, len(strategy.drafters))))
-        kept = state.start(prompt_ids, prefill)
-        state.check_stop(stop)
+        kept = emitted(state.start(prompt_ids, prefill))
         if kept:
             yield kept
         while not state.done:
@@ -239,14 +282,13 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             history.add(*state.drafter_inputs())
             plan = dict(zip(strategy.drafters, plan_trees(arm, len(strategy.drafters))))
             calls = [n for n in strategy.drafters if n in proposers and plan[n] is not None]
-            trees = await asyncio.gather(*(_propose(proposers[n], rid, history, acked, plan[n], on_error)
+            trees = await asyncio.gather(*(_propose(proposers[n], rid, history, acked, plan[n], failed)
                                            for n in calls))
             chosen = state.choose([t for t in trees if t is not None])
             t2 = time.perf_counter()
             result = await verifier.verify(VerifyJob(rid, chosen))
             t3 = time.perf_counter()
-            kept = state.observe(result, t2 - t1, t3 - t2)
-            state.check_stop(stop)
+            kept = emitted(state.observe(result, t2 - t1, t3 - t2))
             if policy:
                 policy.observe(arm, len(result.tokens), seconds=t3 - t1, draft_s=t2 - t1, request=arms)
             if kept:
@@ -254,7 +296,18 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
     finally:
         state.stats.total_s = time.perf_counter() - t0
         await _release(verifier, proposers, strategy, rid)
-    yield ("done", state)
+    tail = text.finish() if text is not None else ""
+    eos = bool(state.token_ids) and state.token_ids[-1] in eos_ids
+    yield Finished(list(state.token_ids), state.stats, eos, state.stopped, errors, tail)
+
+
+async def collect(events: AsyncIterator) -> Finished:
+    """Run a decoding to its end; its Finished event."""
+    finished = None
+    async for ev in events:
+        if isinstance(ev, Finished):
+            finished = ev
+    return finished
 
 
 async def _propose(p: Proposer, rid: str, history: PairHistory, acked: dict, tree: TreeConfig, on_error):

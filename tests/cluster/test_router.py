@@ -12,7 +12,7 @@ from actors.adapters import GrpcProposer
 from taps.compose import parse_strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
-from taps.loop import LocalVerifier, decode
+from taps.loop import LocalVerifier, collect, decode
 from taps.scheduler import BatchingVerifier
 from tests.support import random_drafter, random_llama, tiny_config
 from taps.verify import VerifierRunner
@@ -50,9 +50,7 @@ def _drafter(model, name, seed):
 
 
 async def _collect(gen):
-    async for item in gen:
-        if isinstance(item, tuple):
-            return item[1]
+    return await collect(gen)
 
 
 def test_slow_and_hung_drafters_sit_steps_out_output_lossless(model):
@@ -143,6 +141,6 @@ def test_serve_tree_mode_from_cli_and_config():
     cfg = AppConfig.model_validate(config_from_args(args))
     assert cfg.tree.mode == "auto" and cfg.tree.total_tokens == 16
     args = build_parser().parse_args(["serve", "--drafters", "math"])
-    assert AppConfig.model_validate(config_from_args(args)).tree.mode == "fixed"
+    assert AppConfig.model_validate(config_from_args(args)).tree.mode == "auto"  # the serving default
     with pytest.raises(ValueError):
         AppConfig.model_validate({"tree": {"mode": "sometimes"}})

@@ -12,7 +12,7 @@ import torch
 from taps.compose import parse_strategy
 from taps.config import ConfigError, SamplingConfig, TreeConfig
 from taps.drafting import DrafterRunner
-from taps.loop import LocalProposer, LocalVerifier, decode
+from taps.loop import Emitted, Finished, LocalProposer, LocalVerifier, decode
 from taps.models.llama import causal_mask
 from taps.scheduler import BatchingVerifier
 from taps.verify import VerifierRunner
@@ -38,9 +38,9 @@ def _run(model, drafters, spec, sampling, n, stop=None):
         steps, state = [], None
         async for item in decode(verifier, proposers, PROMPT, strategy, sampling, n, frozenset(),
                                  TreeConfig(depth=3, top_k=2, total_tokens=8), stop=stop):
-            if isinstance(item, tuple):
-                state = item[1]
-            else:
+            if isinstance(item, Finished):
+                state = item
+            elif isinstance(item, Emitted):
                 steps.append(item)
         return steps, state
 
@@ -86,7 +86,7 @@ def test_stop_condition_ends_decoding_at_the_step_that_meets_it(setup):
     full = greedy_reference(model, PROMPT, 20)
     target = full[5]
     steps, state = _run(model, drafters, "merged", SamplingConfig(), 20, stop=lambda ids: target in ids)
-    assert state.stopped and state.done
+    assert state.stopped
     assert state.token_ids == full[:len(state.token_ids)]  # a prefix of plain decoding
     assert target in state.token_ids and len(state.token_ids) < 20
     # the step before the last had not met it
