@@ -474,6 +474,33 @@ def test_backpressure_answers_429_beyond_the_queue(cluster):
     serve.delete("taps-bp")
 
 
+def test_plain_requests_get_the_serving_default_and_stay_lossless(cluster):
+    """What every client sends (no `taps` field) to a server on its defaults (tree.mode auto: per request
+    and step the merged tree, one drafter or no draft): the output equals plain decoding."""
+    from cluster.app import build_app
+    from cluster.config import AppConfig
+
+    assert AppConfig().tree.mode == "auto" and AppConfig().strategy == "merged"
+    cfg = {"verifier": str(cluster["vdir"]), "dtype": "float64", "max_len": 512, "min_replicas": 1,
+           "max_replicas": 1, "drafters": [{"name": n, "checkpoint": str(cluster["paths"][n])} for n in ("math", "chat")]}
+    serve.run(build_app(cfg), name="taps-defaults", route_prefix="/defaults", blocking=False)
+    t0 = time.time()
+    while httpx.get(cluster["base"] + "/defaults/health", timeout=30).status_code != 200 and time.time() - t0 < 120:
+        time.sleep(1)
+    try:
+        for messages in (MESSAGES, [{"role": "user", "content": "Count to ten."}]):
+            ref = _reference(cluster, cluster["verifier"].encode_chat(messages), 24)
+            for _ in range(3):  # the policy learns across requests; every one stays exact
+                r = httpx.post(cluster["base"] + "/defaults/v1/chat/completions", timeout=300,
+                               json={"messages": messages, "max_tokens": 24, "temperature": 0})
+                assert r.status_code == 200, r.text
+                taps = r.json()["taps"]
+                assert taps["token_ids"] == ref
+                assert taps["strategy"] == "merged" and taps["drafters"] == ["chat", "math"]
+    finally:
+        serve.delete("taps-defaults")
+
+
 def test_fuzzed_http_bodies_never_500(cluster):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
