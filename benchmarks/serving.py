@@ -177,6 +177,44 @@ def step_breakdown(outs: list[dict]) -> dict:
             "ms_per_token": round(1000 * latency / max(1, tokens), 2)}
 
 
+def bare_inprocess(args, refs_all: dict) -> dict:
+    """The 1-stream solo pass of --bare in this process: the same prompts, the same code path (the
+    loop, the default strategy over math and chat with an online policy, drafters at
+    --drafter-dtype auto), torch threads as the verifier actor's (1 on 2 cores), no Ray, HTTP or gRPC."""
+    import torch
+
+    from taps.adaptive import online_policy
+    from taps.compose import parse_strategy
+    from taps.config import SamplingConfig, TreeConfig
+    from taps.models.loading import load_verifier
+    from taps.runtime import build_engine, parse_drafter_dtype
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    verifier = load_verifier(None, dtype=torch.float32)
+    engine, _ = build_engine(verifier, ["math", "chat"], TreeConfig(), drafter_dtype=parse_drafter_dtype("auto"))
+    merged = parse_strategy("merged", ["chat", "math"])
+    engine.policies[merged.name] = online_policy(merged)
+    plain = parse_strategy("none", [])
+    sets = {name: list(refs)[:args.solo_prompts + 2] for name, refs in refs_all.items()}
+    for prompts in sets.values():  # warm-up, as the server's: the policy starts learning
+        for p in prompts[:2]:
+            engine.generate(verifier.encode_chat([{"role": "user", "content": p}]), merged, SamplingConfig(), args.tokens)
+    out = {}
+    for label, strat in (("default", merged), ("none", plain)):
+        tokens, mism, t0 = 0, 0, time.perf_counter()
+        for name, prompts in sets.items():
+            for p in prompts[:args.solo_prompts]:
+                res = engine.generate(verifier.encode_chat([{"role": "user", "content": p}]), strat,
+                                      SamplingConfig(), args.tokens)
+                tokens += len(res.token_ids)
+                mism += res.token_ids != refs_all[name][p]
+        wall = time.perf_counter() - t0
+        out[label] = {"tokens": tokens, "ms_per_token": round(1000 * wall / max(1, tokens), 2),
+                      "mismatches_vs_server_none": mism, "threads": torch.get_num_threads()}
+        print(json.dumps({"inprocess": label, **out[label]}), file=sys.stderr, flush=True)
+    return out
+
+
 def bare_table(report: dict) -> str:
     rows = report["rows"]
     base = {(r["set"], r["streams"]): r["tokens_per_s"] for r in rows if r["strategy"] == "none"}
@@ -203,6 +241,15 @@ def bare_table(report: dict) -> str:
         for k, b in bd.items():
             lines.append(f"| {k} | {b['steps']} | {b['draft_ms']} | {b['verify_ms']} | {b['loop_other_ms']} | "
                          f"{b['outside_loop_ms']} | {b['client_ms']} | {b['ms_per_token']} |")
+        ip = report.get("inprocess")
+        if ip:
+            lines += ["", "1 stream, served vs in-process (same prompts, same loop and policy, "
+                      f"{ip['none']['threads']} verifier thread(s)):", "",
+                      "| strategy | served ms/token | in-process ms/token | served / in-process | in-process mismatches |",
+                      "| --- | --- | --- | --- | --- |"]
+            for k in ("default", "none"):
+                sv, p = bd[k]["ms_per_token"], ip[k]["ms_per_token"]
+                lines.append(f"| {k} | {sv} | {p} | {sv / p:.2f} | {ip[k]['mismatches_vs_server_none']} |")
     for name in sorted({r["set"] for r in rows}):
         one_, eight = base.get((name, 1)), base.get((name, 8))
         if one_ and eight:
@@ -341,7 +388,9 @@ def main(argv=None) -> int:
         finally:
             if proc is not None:
                 stop_server(proc)
+        ip = None if args.no_inprocess else bare_inprocess(args, extra["refs"])
         report = {"cpu": cpu_name(), "cores": os.cpu_count(), "tokens": args.tokens, "prompts": args.prompts,
+                  "inprocess": ip,
                   "streams": args.streams, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M"), "mode": "bare",
                   "breakdown": extra["breakdown"]}
         Path(args.out).write_text(json.dumps(report, indent=1))

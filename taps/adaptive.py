@@ -262,13 +262,21 @@ AUTO_MERGED_BUDGETS = (  # verified nodes per step, shared by all drafters of a 
 
 def auto_candidates(strategy) -> list[TreeConfig | Plan | None]:
     """Arms for a strategy: SKIP plus per-drafter trees (merged: budgets split across drafters, and
-    each drafter alone: solo plans, one per AUTO_CANDIDATES tree)."""
+    each drafter alone: solo plans, one per AUTO_CANDIDATES tree). With the weightless `lookup` among
+    two or more neural drafters, merged budgets over the neural ones alone are arms too (lookup then
+    plays alone, in its solo plans, or with them all)."""
     if strategy.kind == "none" or not strategy.drafters:
         return [SKIP]
     n = len(strategy.drafters)
     if strategy.kind != "merged" or n == 1:
         return [SKIP] + list(AUTO_CANDIDATES)
     budgets = list(dict.fromkeys(split_tree(b, n) for b in AUTO_MERGED_BUDGETS))
+    neural = [i for i, d in enumerate(strategy.drafters) if d != "lookup"]
+    if len(neural) >= 2 and len(neural) < n:
+        for b in AUTO_MERGED_BUDGETS:
+            t = split_tree(b, len(neural))
+            budgets.append(tuple(t if j in neural else None for j in range(n)))
+        budgets = list(dict.fromkeys(budgets))
     solos = [tuple(c if j == i else None for j in range(n)) for i in range(n) for c in AUTO_CANDIDATES]
     return [SKIP] + budgets + solos
 

@@ -1,8 +1,10 @@
-"""The one decode loop: draft -> compose -> verify -> accept, for the in-process engine and the router.
+"""The one decode loop: draft -> compose -> verify -> accept, for the in-process engine and the server.
 
 A `Proposer` (a drafter) and a `Verifier` are protocols with small flat inputs; the loop below is
-the only place a step is written. The engine drives it with local adapters (this module), the
-router with remote ones (actors/adapters.py: gRPC drafters, the verifier actor).
+the only place a step is written. The engine drives it with local adapters (this module); the
+server's verifier actor drives it with its own local verifier and the drafters over gRPC
+(actors/adapters.py), so a served step makes no remote call to the verifier. It yields typed
+events (`Started`, `Emitted` with the step's text delta, `Finished`).
 
 Rules, each in one place:
 

@@ -65,6 +65,21 @@ def test_auto_candidates_are_valid_and_include_skip():
     assert [arm_label(c) for c in (SKIP, solo[1], solo)] == ["skip", "d3/k2/n5", "-,d3/k2/n5"]
 
 
+def test_merged_with_lookup_also_merges_the_neural_drafters_alone():
+    """merged over math, chat and lookup: arms merge all three, merge the two specialists with lookup
+    sitting out, or give the step to one drafter (lookup alone included), or skip."""
+    s = parse_strategy("merged", ["math", "chat", "lookup"])
+    cands = auto_candidates(s)
+    plans = [c for c in cands if isinstance(c, tuple)]
+    pair = [p for p in plans if p[0] is not None and p[1] is not None and p[2] is None]
+    assert len(pair) == 4 and all(p[0] == p[1] for p in pair)
+    assert all(verified_size(p, 3, True) <= 17 for p in pair)
+    assert {p[2] for p in plans if p[0] is None and p[1] is None} == set(AUTO_CANDIDATES)  # lookup alone
+    assert len(cands) == len(set(cands))
+    assert not [c for c in auto_candidates(parse_strategy("merged", ["a", "b"])) if isinstance(c, tuple)
+                and all(t is not None for t in c)]  # no lookup: nothing new
+
+
 def test_policy_with_skip_arm():
     cfg = TreeConfig(depth=2, top_k=2, total_tokens=4)
     pol = TreePolicy({SKIP: 0.01, cfg: 0.02}, warmup=1)
