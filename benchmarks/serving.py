@@ -140,15 +140,19 @@ async def bare_rows(args, url: str) -> tuple[list[dict], dict]:
     async with httpx.AsyncClient(timeout=args.timeout) as client:
         for name, prompts in sets.items():
             refs_all[name] = await references(client, url, {}, args.tokens, prompts)
-        for name, prompts in sets.items():  # warm-up: the default's policy starts learning
+        variants = [None, "none"] + ([{"drafters": args.also.split(",")}] if args.also else [])
+        for name, prompts in sets.items():  # warm-up: the policies start learning
             for p in prompts[:2]:
-                await one(client, url, {}, p, None, args.tokens)
+                for strat in variants:
+                    if strat != "none":
+                        await one(client, url, {}, p, strat, args.tokens)
         for streams in args.streams:
             for name in sets:
-                for strat in (None, "none"):
+                for strat in variants:
                     n = max(args.min_requests, 2 * streams)
                     r = await drive(client, url, {}, refs_all[name], strat, streams, n, args.tokens, args.time_limit)
-                    r.update(set=name, strategy=strat or "default")
+                    label = f"drafters={args.also}" if isinstance(strat, dict) else strat or "default"
+                    r.update(set=name, strategy=label)
                     rows.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)
         breakdown = {}  # 1 stream, one request at a time: where a step's time goes
@@ -225,11 +229,12 @@ def bare_table(report: dict) -> str:
              "| ITL p50 ms (default / none) | acceptance length | mismatches |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        if r["strategy"] != "default":
+        if r["strategy"] == "none":
             continue
         b = base[(r["set"], r["streams"])]
         nr = next(x for x in rows if x["strategy"] == "none" and x["set"] == r["set"] and x["streams"] == r["streams"])
-        lines.append(f"| {r['set']} | {r['streams']} | {r['tokens_per_s']:.1f} | {b:.1f} | **{r['tokens_per_s'] / b:.2f}** | "
+        lines.append(f"| {r['set']}{'' if r['strategy'] == 'default' else ', ' + r['strategy']} | {r['streams']} | "
+                     f"{r['tokens_per_s']:.1f} | {b:.1f} | **{r['tokens_per_s'] / b:.2f}** | "
                      f"{r['ttft_p50_s']} / {nr['ttft_p50_s']} | {r['itl_p50_ms']} / {nr['itl_p50_ms']} | "
                      f"{r['acceptance_length']} | {r['lossless_mismatches'] + nr['lossless_mismatches']} |")
     bd = report.get("breakdown")
@@ -357,6 +362,7 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
     ap.add_argument("--bare", action="store_true", help="a bare `taps serve`, plain requests: default vs none")
     ap.add_argument("--prompts", type=int, default=8, help="--bare: prompts per set (math, chat)")
+    ap.add_argument("--also", default=None, help="--bare: also requests naming these drafters, e.g. math,chat,lookup")
     ap.add_argument("--serve-args", default="", help="extra `taps serve` arguments (A/B of a server setting)")
     ap.add_argument("--drafters", default="math,chat")
     ap.add_argument("--tree", default="auto", choices=["fixed", "auto"])
@@ -382,39 +388,25 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         proc, url = start_server(args)
-    if args.bare:
-        try:
-            rows, extra = asyncio.run(bare_rows(args, url))
-        finally:
-            if proc is not None:
-                stop_server(proc)
-        ip = None if args.no_inprocess else bare_inprocess(args, extra["refs"])
-        report = {"cpu": cpu_name(), "cores": os.cpu_count(), "tokens": args.tokens, "prompts": args.prompts,
-                  "inprocess": ip,
-                  "streams": args.streams, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M"), "mode": "bare",
-                  "breakdown": extra["breakdown"]}
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        md = bare_table(report)
-        print(md)
-        if args.table:
-            Path(args.table).write_text(md + "\n")
-        return 0
     try:
-        rows, extra = asyncio.run(http_rows(args, url))
+        rows, extra = asyncio.run((bare_rows if args.bare else http_rows)(args, url))
     finally:
         if proc is not None:
             stop_server(proc)
-    ip = None if args.no_inprocess else inprocess(args, extra["refs"])
-    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "drafters": args.drafters, "tree": args.tree,
-              "tokens": args.tokens, "streams": args.streams, "strategies": args.strategies, "rows": rows,
-              "solo": extra["solo"], "solo_prompts": args.solo_prompts, "inprocess": ip,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+    ip = None if args.no_inprocess else (bare_inprocess if args.bare else inprocess)(args, extra["refs"])
+    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "tokens": args.tokens, "streams": args.streams,
+              "rows": rows, "inprocess": ip, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.bare:
+        report.update(mode="bare", prompts=args.prompts, breakdown=extra["breakdown"])
+    else:
+        report.update(drafters=args.drafters, tree=args.tree, strategies=args.strategies, solo=extra["solo"],
+                      solo_prompts=args.solo_prompts)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    md = table(report)
+    md = (bare_table if args.bare else table)(report)
     print(md)
     if args.table:
         Path(args.table).write_text(md + "\n")
-    if args.plot:
+    if args.plot and not args.bare:
         plot(report, args.plot)
     return 0
 

@@ -22,11 +22,12 @@ PROMPTS = ["What is 17*23?", "Write a haiku about the sea.", "Solve for x: 3x + 
 
 async def one(client, url, headers, prompt, strategy, max_tokens, with_stats=False):
     """One streamed chat request; `strategy` None sends a plain OpenAI body (no `taps` field: the
-    server's default). Returns latency, time to first token, inter-token gaps and the final stats."""
+    server's default), a dict is sent as the `taps` field. Returns latency, time to first token,
+    inter-token gaps and the final stats."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
     if strategy is not None:
-        body["taps"] = {"strategy": strategy}
+        body["taps"] = strategy if isinstance(strategy, dict) else {"strategy": strategy}
     t0 = time.perf_counter()
     first = None
     final = None

@@ -192,7 +192,7 @@ def serve_args(values: dict) -> dict:
         "strategy": s["strategy"],
         "tree": dict(s["tree"]),
         "gpu": True,  # actors ask Ray for GPUs and the drafter_D / A100 resources
-        "grpc_host": "node-ip",  # drafters bind their pod IP so the router can reach them
+        "grpc_host": "node-ip",  # drafters bind their pod IP so the verifier actor can reach them
         "max_len": s["max_len"],
         "max_concurrent": s["max_concurrent"],
         "max_queue": s["max_queue"],
@@ -201,7 +201,7 @@ def serve_args(values: dict) -> dict:
         "max_replicas": s["router_max_replicas"],
         # the autoscaler adds a GPU pod for an actor that cannot be placed: minutes, not seconds
         "placement_timeout_s": s.get("placement_timeout_s", 900),
-        # redis_url, api_key, admin_key are left out: the router reads REDIS_URL, TAPS_API_KEY
+        # redis_url, api_key, admin_key are left out: the app reads REDIS_URL, TAPS_API_KEY
         # and TAPS_ADMIN_KEY from the environment (app_env), so no secret is in the spec.
     }
 

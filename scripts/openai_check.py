@@ -1,7 +1,7 @@
 """A new user's check of a running `taps serve` with the official `openai` client: every strategy
 equals `none`, a lazily started drafter, echo, streaming finish_reason and usage, stop, seeded T=1,
 logprobs, a list of prompts with n=2, 404 model_not_found, a 400 naming an unsupported parameter,
-1 and 8 concurrent streams. Prints PASS/FAIL per check.
+1 and 8 concurrent streams, a plain request (no `taps` field) against `none`. Prints PASS/FAIL per check.
 
     .venv/bin/taps serve &            # then
     .venv/bin/python scripts/openai_check.py [BASE_URL]   # default http://127.0.0.1:8000/v1
@@ -21,6 +21,11 @@ for s in ("none", "single:math", "confidence", "merged"):
     ids = r.model_extra["taps"]["token_ids"]; ref = ref or ids
     print(f"  {s:12s} {time.time()-t:5.2f}s tau={r.model_extra['taps']['acceptance_length']:.2f} finish={r.choices[0].finish_reason} {r.choices[0].message.content[:50]!r}")
     ok(f"{s} equals none", ids == ref)
+t = time.time()  # what every client sends: no `taps` field, the server's default
+r = c.chat.completions.create(model=M, messages=msgs, max_tokens=32, temperature=0)
+tp = r.model_extra["taps"]
+print(f"  {'(default)':12s} {time.time()-t:5.2f}s tau={tp['acceptance_length']:.2f} strategy={tp['strategy']} drafters={tp['drafters']}")
+ok("plain request (no taps field) equals none", tp["token_ids"] == ref)
 t = time.time()
 r = c.chat.completions.create(model=M, messages=msgs, max_tokens=16, temperature=0, extra_body={"taps": {"strategy": "single:code"}})
 ok(f"lazy single:code ({time.time()-t:.1f}s, selected {r.model_extra['taps']['selected']})", r.model_extra["taps"]["token_ids"] == ref[:16])

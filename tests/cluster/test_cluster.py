@@ -482,7 +482,8 @@ def test_plain_requests_get_the_serving_default_and_stay_lossless(cluster):
 
     assert AppConfig().tree.mode == "auto" and AppConfig().strategy == "merged"
     cfg = {"verifier": str(cluster["vdir"]), "dtype": "float64", "max_len": 512, "min_replicas": 1,
-           "max_replicas": 1, "drafters": [{"name": n, "checkpoint": str(cluster["paths"][n])} for n in ("math", "chat")]}
+           "max_replicas": 1, "drafters": [{"name": n, "checkpoint": str(cluster["paths"][n])} for n in ("math", "chat")],
+           "default_drafters": ["math", "chat"]}  # as `taps serve` sets them (cluster.serve.config_from_args)
     serve.run(build_app(cfg), name="taps-defaults", route_prefix="/defaults", blocking=False)
     t0 = time.time()
     while httpx.get(cluster["base"] + "/defaults/health", timeout=30).status_code != 200 and time.time() - t0 < 120:
@@ -496,7 +497,7 @@ def test_plain_requests_get_the_serving_default_and_stay_lossless(cluster):
                 assert r.status_code == 200, r.text
                 taps = r.json()["taps"]
                 assert taps["token_ids"] == ref
-                assert taps["strategy"] == "merged" and taps["drafters"] == ["chat", "math"]
+                assert taps["strategy"] == "merged" and taps["drafters"] == ["math", "chat"]
     finally:
         serve.delete("taps-defaults")
 

@@ -1,4 +1,4 @@
-"""The router's decode loop without Ray: slow and hung drafters sit steps out and the output stays
+"""The served decode loop (gRPC proposers) without Ray: slow and hung drafters sit steps out and the output stays
 lossless; the registry survives a Redis restart."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_registry_keeps_last_snapshot_across_a_redis_restart(tmp_path):
         restarted.shutdown()
 
 
-def test_router_with_online_tree_policy_is_lossless_and_skips(model):
+def test_remote_loop_with_online_tree_policy_is_lossless_and_skips(model):
     """tree.mode auto in serving: trees chosen per step by a policy that learns step wall times;
     SKIP steps send no drafts, the drafters catch up on the pairs later, the output stays exact."""
     from taps.adaptive import SKIP, online_policy, plan_trees
