@@ -158,7 +158,7 @@ class DrafterFleet:
         self.registry = Registry(self.registry_url)
         self._entries: dict[str, DrafterEntry] = {}
         self._starts: dict[str, asyncio.Future] = {}
-        self.verifier_handle, self.verifier_info_ = self._start_verifier()
+        self.verifier_handle = self._start_verifier()
         for entry in self.cfg.lazy_drafters:
             if self.registry.snapshot().get(entry.name, {}).get("status") != READY:
                 self._register(entry, AVAILABLE)
@@ -178,7 +178,7 @@ class DrafterFleet:
                                    (cfg.verifier, cfg.dtype, cfg.max_len, None, cfg.threads),
                                    "verifier actor taps-verifier", cfg.placement_timeout_s, cfg.start_timeout_s)
         log.info("verifier ready: %s, %s, %d torch threads", info["name"], info["dtype"], info["torch_threads"])
-        return handle, info
+        return handle
 
     def _register(self, entry: DrafterEntry, status: str) -> str:
         from taps.models.drafter import read_drafter_config, sha256_dir
@@ -240,9 +240,6 @@ class DrafterFleet:
     def verifier(self):
         """The verifier actor's handle (the decode service decodes through it)."""
         return self.verifier_handle
-
-    def verifier_info(self) -> dict:
-        return self.verifier_info_
 
     async def ensure(self, names: list[str]) -> None:
         """Start every drafter of `names` that is registered but not running (lazy start)."""
