@@ -33,7 +33,8 @@ COPY --chown=ray:users . .
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && taps --help > /dev/null \
-    && python -c "import cli.main, cluster.app, actors.drafter_actor, actors.verifier_actor, training.train_drafter"
+    && python -c "import cli.main, cluster.app, actors.drafter_actor, actors.verifier_actor, training.train_drafter" \
+    && python -m taps.kernels  # the int8 AVX2 kernel, built for the image's CPU target (unavailable: torch kernels)
 
 # KubeRay runs `ray start ...` in this image; this default is only for `docker run` checks.
 CMD ["taps", "--help"]
