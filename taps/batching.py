@@ -138,7 +138,7 @@ def row_quantum(model: torch.nn.Module, candidates=(1, 2, 4, 8, 16), reference_r
 
     Measured once per (shapes, dtype, device, threads) in a process (about a second for a 135M
     model). If no candidate is invariant the largest is used (and nothing is guaranteed)."""
-    from taps.models.quant import Int8Linear
+    from taps.models.quant import Int8Linear, PackedInt8Linear
 
     weights, count = {}, {}  # (out, in, kind) -> a callable x -> linear(x) of that shape
     for m in model.modules():
@@ -148,6 +148,9 @@ def row_quantum(model: torch.nn.Module, candidates=(1, 2, 4, 8, 16), reference_r
         elif isinstance(m, Int8Linear):  # weight-only int8: bf16 rows in
             key = (m.out_features, m.in_features, "int8")
             weights.setdefault(key, (m.act_dtype, m.qweight.device, m))
+        elif isinstance(m, PackedInt8Linear):  # the AVX2 int8 kernel: float32 rows in
+            key = (m.out_features, m.in_features, "int8-avx2")
+            weights.setdefault(key, (torch.float32, m.packed.device, m))
         else:
             continue
         count[key] = count.get(key, 0) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_dr
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import INT8, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
+from taps.models.drafter import INT8, INT8_AVX2, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
 from taps.models.loading import Verifier, VerifierParts, load_verifier
-from taps.models.quant import int8_supported
+from taps.models.quant import int8_supported, packed_int8_supported, quantize_verifier
 from taps.verify import VerifierRunner
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,41 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# Verifier engines (`--dtype` / `--engine`): dense torch weights in a dtype, or weight-only int8
+# linears (taps.models.quant.quantize_verifier) over a model whose activations, norms, attention and
+# KV cache stay in float32: "int8" runs torch's `_weight_int8pack_mm` (bf16 rows into the matmul),
+# "int8-avx2" this project's AVX2 kernel (taps/kernels, float32 rows). float32 is exact mode; every
+# other engine is fast mode (a quantized engine is a target model of its own: lossless against its
+# own `none`).
+ENGINES = ("float32", "bfloat16", "float16", "float64", INT8, INT8_AVX2)
+INT8_MODEL_DTYPE = torch.float32
+INT8_ACT_DTYPE = torch.bfloat16
+
+
+def engine_dtype(name: str) -> torch.dtype:
+    """The dtype of an engine's hidden states (what drafters read), KV cache and logits' input."""
+    return INT8_MODEL_DTYPE if name in (INT8, INT8_AVX2) else parse_dtype(name)
+
+
+def numerics_mode(engine: str) -> str:
+    """'exact' for a float32 (or float64) verifier engine, else 'fast' (bf16, fp16, int8 weight-only;
+    docs/api.md, numerics modes)."""
+    return "exact" if engine in ("float32", "float64") else "fast"
+
+
+def check_engine(name: str) -> str:
+    if name != "auto" and name not in ENGINES:
+        raise ConfigError(f"unknown verifier engine {name!r}; use one of {sorted(ENGINES)} or `auto`")
+    return name
+
+
 def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -> str:
-    """A dtype name; `auto` becomes whichever this machine runs the verifier's matmuls fastest,
-    measured now (taps.costmodel.fastest_dtype, ~1 s): float32 unless bf16 wins by 10 %; on CUDA
-    bf16 where supported. `auto` is the fast numerics mode whenever it picks bf16 (CONTRACTS.md)."""
+    """An engine name, without loading anything; `auto` becomes whichever dense dtype runs the
+    verifier's matmul shapes fastest here (taps.costmodel.fastest_dtype, ~1 s): float32 unless bf16 wins
+    by 10 %; on CUDA bf16 where supported. Processes that load the verifier resolve `auto` over
+    whole forwards instead (`load_default_verifier`, which also weighs the int8 engine)."""
     if name != "auto":
-        parse_dtype(name)
-        return name
+        return check_engine(name)
     if str(device).startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     from taps.models.loading import verifier_config
@@ -57,10 +86,102 @@ def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -
     return dtype_name(choice.dtype)
 
 
+def as_engine(verifier: Verifier, name: str) -> Verifier:
+    """`verifier` (loaded in float32) as the engine `name`: its model converted in place."""
+    if name in (INT8, INT8_AVX2):
+        if name == INT8_AVX2 and not packed_int8_supported():
+            raise ConfigError("engine int8-avx2 needs an x86-64 CPU with AVX2 and FMA, g++ and ninja "
+                              "(see the log for why its kernel did not build); use int8 or float32")
+        quantize_verifier(verifier.model, INT8_ACT_DTYPE, INT8_MODEL_DTYPE,
+                          kernel="avx2" if name == INT8_AVX2 else "torch")
+    else:
+        verifier.model.to(parse_dtype(name))
+    verifier.engine = name
+    return verifier
+
+
+def engine_candidates(device: str | torch.device = "cpu") -> tuple[str, ...]:
+    """What `auto` weighs on this device: float32 first (exact, the default unless beaten), bfloat16,
+    int8 where this torch runs its int8 weight-only matmul, int8-avx2 where its kernel builds."""
+    cpu = str(device).startswith("cpu")
+    return (("float32", "bfloat16") + ((INT8,) if int8_supported(device) else ())
+            + ((INT8_AVX2,) if cpu and packed_int8_supported() else ()))
+
+
+@dataclass
+class EngineChoice:
+    name: str
+    seconds: dict[str, float]  # engine -> median seconds of a 1-row plus an 8-row verifier forward
+
+    def describe(self) -> str:
+        return f"{self.name} (a 1-row + an 8-row forward after 128 tokens: {describe_times(self.seconds)})"
+
+
+class ForwardTimer:
+    """Times whole verifier steps of one model: a causal block of each row count after `context`
+    cached tokens, the lm_head over every row (kernels, attention and Python overhead together)."""
+
+    def __init__(self, model, rows=(1, 8), context: int = 128):
+        from taps.models.llama import Segment, build_mask, causal_mask
+
+        self.model, self.rows, self.context = model, rows, context
+        dev = model.embed_tokens.weight.device
+        self.cache = model.new_cache(context + max(rows))
+        self.ids = torch.arange(3, 3 + context, device=dev) % model.config.vocab_size
+        self.blocks = {r: (torch.arange(context, context + r, device=dev),
+                           Segment(self.cache, 0, r, build_mask(causal_mask(r, dev), context), base=context))
+                       for r in rows}
+        with torch.inference_mode():
+            model.forward_segments(self.ids, torch.arange(context, device=dev),
+                                   [Segment(self.cache, 0, context, build_mask(causal_mask(context, dev), 0))])
+        self.times: dict[int, list[float]] = {r: [] for r in rows}
+
+    @torch.inference_mode()
+    def once(self) -> None:
+        for r, (pos, seg) in self.blocks.items():
+            t0 = time.perf_counter()
+            self.model.logits(self.model.forward_segments(self.ids[:r], pos, [seg]))
+            self.times[r].append(time.perf_counter() - t0)
+
+    def seconds(self) -> float:
+        """The sum over row counts of the median step time (the first call of each is dropped)."""
+        return sum(sorted(t[1:])[len(t[1:]) // 2] for t in self.times.values())
+
+
+def fastest_engine(spec: str | None, device: str = "cpu", candidates: tuple[str, ...] | None = None,
+                   margin: float = 1.1, rounds: int = 7, with_tokenizer: bool = True) -> tuple[Verifier, EngineChoice]:
+    """Load the verifier once, build it as every candidate engine, time a whole 1-row and 8-row step
+    of each, interleaved round by round (`ForwardTimer`: a noisy neighbour hits all alike), and keep
+    the fastest: float32 unless another wins by `margin` (a few seconds at start-up)."""
+    import copy
+
+    candidates = candidates or engine_candidates(device)
+    base = load_verifier(spec, dtype=torch.float32, device=device, with_tokenizer=with_tokenizer)
+    trials = {}
+    for name in candidates:
+        trial = copy.copy(base)
+        if name != "float32":
+            trial.model = copy.deepcopy(base.model)
+            as_engine(trial, name)
+        trials[name] = trial
+    timers = {name: ForwardTimer(t.model) for name, t in trials.items()}
+    for _ in range(rounds + 1):
+        for timer in timers.values():
+            timer.once()
+    seconds = {name: t.seconds() for name, t in timers.items()}
+    choice = EngineChoice(pick_fastest(seconds, margin), seconds)
+    log.info("--dtype auto: %s", choice.describe())
+    chosen = trials[choice.name]
+    chosen.engine = choice.name
+    del trials, timers
+    _release_freed_memory()
+    return chosen, choice
+
+
 def parse_drafter_dtype(name: str | None) -> torch.dtype | str | None:
     """A drafter dtype option: None (the verifier's), "auto" (timed by build_drafter), "int8" (weight-only
     int8 linears, bf16 activations: taps.models.quant) or a dtype."""
-    return name if name in (None, "auto", INT8) else parse_dtype(name)
+    return name if name in (None, "auto", INT8, INT8_AVX2) else parse_dtype(name)
 
 
 @dataclass
@@ -93,14 +214,14 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
     linears with bf16 activations). It never changes the output."""
     if dtype == "auto":
         dtype = fastest_drafter_dtype(spec, verifier, seed=seed, expected_sha256=expected_sha256)
-    quant, dtype = dtype == INT8, compute_dtype(dtype)
+    quant, dtype = dtype if dtype in (INT8, INT8_AVX2) else None, compute_dtype(dtype)
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)
         d = d.to(dtype) if dtype else d
     else:
         d = load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
-    return quantize_int8(d) if quant else d
+    return quantize_int8(d, "avx2" if quant == INT8_AVX2 else "torch") if quant else d
 
 
 def _release_freed_memory() -> None:
@@ -125,7 +246,8 @@ def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts,
     where int8 weights were 1.5x faster again: drafting reads weights from memory)."""
     if candidates is None:
         device = verifier.model.embed_tokens.weight.device
-        candidates = (torch.float32, torch.bfloat16) + ((INT8,) if int8_supported(device) else ())
+        candidates = ((torch.float32, torch.bfloat16) + ((INT8,) if int8_supported(device) else ())
+                      + ((INT8_AVX2,) if str(device).startswith("cpu") and packed_int8_supported() else ()))
     tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     hidden = verifier.model.config.hidden_size
     seconds = {}
@@ -159,5 +281,17 @@ def build_engine(verifier: Verifier, drafter_names: list[str], tree: TreeConfig,
     return engine, info
 
 
-def load_default_verifier(spec: str | None, dtype: str = "float32", device: str = "cpu") -> Verifier:
-    return load_verifier(spec, dtype=parse_dtype(resolve_dtype(dtype, spec, device)), device=device)
+def load_default_verifier(spec: str | None, dtype: str = "float32", device: str = "cpu",
+                          with_tokenizer: bool = True) -> Verifier:
+    """The verifier as engine `dtype` (a dtype name, "int8", or "auto": the fastest whole forward here,
+    `fastest_engine`; on CUDA bf16). `Verifier.engine` names what was loaded."""
+    check_engine(dtype)
+    if dtype == "auto" and str(device).startswith("cuda"):
+        dtype = resolve_dtype(dtype, spec, device)
+    if dtype == "auto":
+        return fastest_engine(spec, device, with_tokenizer=with_tokenizer)[0]
+    if dtype in (INT8, INT8_AVX2):
+        return as_engine(load_verifier(spec, dtype=torch.float32, device=device, with_tokenizer=with_tokenizer), dtype)
+    v = load_verifier(spec, dtype=parse_dtype(dtype), device=device, with_tokenizer=with_tokenizer)
+    v.engine = dtype
+    return v

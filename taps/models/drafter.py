@@ -179,24 +179,35 @@ class EagleDrafter(nn.Module):
 
 
 INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations and KV cache (taps.models.quant)
+INT8_AVX2 = "int8-avx2"  # the same int8 weights run by taps/kernels' AVX2 kernel, float32 activations and KV cache
 
 
 def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """The activation dtype of a drafter dtype option (INT8 computes in bf16; None stays None)."""
-    return torch.bfloat16 if dtype == INT8 else dtype
+    """The activation dtype of a drafter dtype option (INT8 computes in bf16, INT8_AVX2 in float32;
+    None stays None)."""
+    return torch.bfloat16 if dtype == INT8 else torch.float32 if dtype == INT8_AVX2 else dtype
 
 
-def quantize_int8(drafter: EagleDrafter) -> EagleDrafter:
-    """In place, for serving: fc, the decoder layer's seven projections and the drafter's own draft head
-    become weight-only int8 (taps.models.quant); norms, activations and the KV cache are bf16. A
-    full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
-    from taps.models.quant import quantize_linears
+def quantize_int8(drafter: EagleDrafter, kernel: str = "torch") -> EagleDrafter:
+    """In place, for serving: fc, the decoder layers' seven projections and the drafter's own draft head
+    become weight-only int8 (taps.models.quant). kernel "torch": torch's int8 matmul, norms,
+    activations and the KV cache in bf16; "avx2": taps/kernels' AVX2 kernel, all of them in float32.
+    A full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
+    from taps.models.quant import PackedInt8Linear, quantize_linears
 
-    drafter.to(torch.bfloat16)
     layers = ["layer"] + [f"extra_layers.{i}" for i in range(len(drafter.extra_layers))]
     names = ["fc"] + [f"{layer}.{part}" for layer in layers for part in
                       [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
-    return quantize_linears(drafter, names + (["lm_head"] if drafter.lm_head is not None else []), torch.bfloat16)
+    names += ["lm_head"] if drafter.lm_head is not None else []
+    if kernel == "avx2":
+        drafter.to(torch.float32)
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = drafter.get_submodule(parent_name) if parent_name else drafter
+            setattr(parent, attr, PackedInt8Linear(getattr(parent, attr)))
+        return drafter
+    drafter.to(torch.bfloat16)
+    return quantize_linears(drafter, names, torch.bfloat16)
 
 
 def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:

@@ -181,6 +181,10 @@ class Verifier:
     directory: Path
     model: Llama
     tokenizer: object
+    engine: str = ""  # how the model runs (taps.runtime.ENGINES); "" = as loaded, its dtype's name
+
+    def __post_init__(self) -> None:
+        self.engine = self.engine or str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
 
     @property
     def identity(self) -> dict:

@@ -32,19 +32,85 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q, scale = per_channel_int8(linear.weight)
         self.in_features, self.out_features, self.act_dtype = linear.in_features, linear.out_features, act_dtype
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("qweight", q)
         self.register_buffer("scales", scale.to(act_dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(act_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of any float dtype in; the matmul runs in act_dtype; the result comes back in x's dtype
+        (a float32 model with int8 linears keeps its residual stream, norms and attention in float32)."""
         lead = x.shape[:-1]
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(self.act_dtype).contiguous(),
                                       self.qweight, self.scales)
         y = y.view(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight, float32 [out, in] (built on each access: for readers such as a
+        drafter that copies rows of the verifier's lm_head, not for the forward)."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (q int8 [out, in], scale float32 [out]) with w ~ q * scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class PackedInt8Linear(nn.Module):
+    """The same per-channel int8 weights as Int8Linear, run by this project's AVX2 kernel
+    (taps/kernels/int8_gemm.cpp): float32 rows in, float32 sums, weights packed [out/8, in, 8] and
+    read from memory once per call whatever the row count; each row's result is bit-identical
+    alone or batched. Build with `packed_int8_supported()` true."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from taps.kernels import int8_gemm
+
+        self._kernel = int8_gemm()
+        q, scale = per_channel_int8(linear.weight)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.act_dtype = torch.float32
+        pad = -self.out_features % 8  # the kernel packs blocks of 8 output channels: zero rows, sliced off
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+            scale = torch.cat([scale, scale.new_ones(pad)])
+        self.register_buffer("packed", self._kernel.pack(q))
+        self.register_buffer("scales", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._kernel.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
+        y = y.reshape(*lead, self.out_features)
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight, float32 [out, in] (built on each access, for readers only)."""
+        q = self.packed.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
+        return q.float() * self.scales[:self.out_features, None]
+
+    def _apply(self, fn, recurse=True):  # .to(dtype) must not touch the kernel's float32 scales
+        packed, scales, bias = self.packed, self.scales, self.bias
+        super()._apply(fn, recurse)
+        self.packed, self.scales, self.bias = packed, scales, bias
+        return self
+
+
+def packed_int8_supported() -> bool:
+    """Whether the AVX2 int8 kernel builds and runs here (x86-64 with AVX2 + FMA, g++ and ninja)."""
+    from taps.kernels import int8_gemm
+
+    return int8_gemm() is not None
 
 
 def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -57,3 +123,32 @@ def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear")
         setattr(parent, attr, Int8Linear(lin, act_dtype))
     return module
+
+
+def quantize_verifier(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16,
+                      model_dtype: torch.dtype | None = None, kernel: str = "torch") -> nn.Module:
+    """An int8 verifier engine, in place: every projection of every decoder layer and the lm_head
+    become weight-only int8 (per output channel, quantised from the weights as loaded); the
+    embedding, norms, attention and KV cache run in `model_dtype` (default: act_dtype). A tied
+    lm_head gets its own int8 copy; the embedding table stays a lookup.
+
+    kernel "torch": Int8Linear (torch's `_weight_int8pack_mm`, `act_dtype` rows); "avx2":
+    PackedInt8Linear (taps/kernels/int8_gemm.cpp, float32 rows). Either is a target model of its own,
+    different from the float32 verifier; batching never changes its output where
+    taps.batching.row_quantum finds its kernel row-invariant (the AVX2 kernel is by construction)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if kernel == "avx2":
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, PackedInt8Linear(getattr(parent, attr)))
+    elif kernel == "torch":
+        quantize_linears(model, names, act_dtype)
+    else:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; use torch or avx2")
+    model.to(model_dtype or act_dtype)
+    for m in model.modules():  # .to() cast the scales too (exactly: they were act_dtype values)
+        if isinstance(m, Int8Linear):
+            m.scales = m.scales.to(act_dtype)
+            m.bias = None if m.bias is None else m.bias.to(act_dtype)
+    return model

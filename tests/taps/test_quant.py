@@ -95,3 +95,67 @@ def test_row_quantum_probes_int8_linears():
     x = torch.randn(16, 64).to(torch.bfloat16)
     lin = d8.layer.mlp.up_proj
     assert torch.equal(lin(x[:q]), lin(x)[:q])  # the chosen quantum is batch-invariant for int8 too
+
+
+@pytest.mark.parametrize("kernel", ["torch", "avx2"])
+def test_int8_verifier_engine_is_lossless_against_its_own_none_alone_and_batched(kernel):
+    """The int8 engine (every linear weight-only int8, quantize_verifier) is a target model of its own:
+    merged and single trees emit exactly its own `none` tokens, alone and batched with other requests;
+    its logits stay within quantisation error of the float32 model's."""
+    import copy
+
+    from taps.compose import parse_strategy
+    from taps.config import SamplingConfig, TreeConfig
+    from taps.drafting import DrafterRunner
+    from taps.engine import TapsEngine
+    from taps.models.quant import PackedInt8Linear, packed_int8_supported, quantize_verifier
+    from taps.verify import VerifierRunner
+    from tests.support import random_drafter
+
+    if kernel == "avx2" and not packed_int8_supported():
+        pytest.skip("no AVX2 kernel here")
+    model, _ = _tiny()
+    q = quantize_verifier(copy.deepcopy(model), torch.bfloat16, torch.float32, kernel=kernel)
+    cls = Int8Linear if kernel == "torch" else PackedInt8Linear
+    assert isinstance(q.lm_head, cls) and isinstance(q.layers[1].self_attn.o_proj, cls)
+    assert q.embed_tokens.weight.dtype == torch.float32
+    assert q.layers[0].mlp.down_proj.scales.dtype == (torch.bfloat16 if kernel == "torch" else torch.float32)
+    ids = torch.tensor([[5, 9, 13, 77, 2, 40]])
+    from taps.models.llama import causal_mask
+
+    ref = model.logits(model(ids, torch.arange(6)[None], None, causal_mask(6)[None, None]))
+    got = q.logits(q(ids, torch.arange(6)[None], None, causal_mask(6)[None, None]))
+    assert 0 < (got - ref).abs().max() < 0.05 * ref.abs().max()  # quantised, not a copy, and close
+
+    drafters = {n: DrafterRunner(random_drafter(q, n, seed=s), max_len=256, name=n)
+                for n, s in (("math", 1), ("chat", 2))}
+    eng = TapsEngine(VerifierRunner(q, max_len=256), drafters, TreeConfig(depth=3, top_k=2, total_tokens=8), [])
+    prompts = [[5, 9, 13, 77, 2, 40], [7, 7, 19, 3], [100, 101, 102, 103, 104, 105, 106]]
+    none = parse_strategy("none", [])
+    plain = [eng.generate(p, none, SamplingConfig(), 14).token_ids for p in prompts]
+    for spec in ("merged", "single:math"):
+        strat = parse_strategy(spec, ["math", "chat"])
+        assert [eng.generate(p, strat, SamplingConfig(), 14).token_ids for p in prompts] == plain, spec
+        batched = eng.generate_many([(p, strat, SamplingConfig(), 14) for p in prompts])
+        assert [r.token_ids for r in batched] == plain, spec
+
+
+def test_engine_auto_times_whole_forwards_and_loads_the_winner(tmp_path, caplog):
+    """`--dtype auto` loads the verifier once, times a whole forward of each candidate engine, keeps
+    float32 unless another wins by the margin, and names what it loaded."""
+    from taps.runtime import engine_candidates, fastest_engine, load_default_verifier
+    from tests.support import make_tiny_verifier_dir
+
+    vdir = str(make_tiny_verifier_dir(tmp_path / "v", seed=0))
+    assert "int8" in engine_candidates("cpu")
+    with caplog.at_level("INFO", logger="taps.runtime"):
+        v, choice = fastest_engine(vdir, with_tokenizer=False)
+    assert {"float32", "bfloat16", "int8"} <= set(choice.seconds) and all(t > 0 for t in choice.seconds.values())
+    assert v.engine == choice.name and "int8" in caplog.text
+    if choice.name != "float32":  # it won by the margin
+        assert choice.seconds[choice.name] * 1.1 < choice.seconds["float32"]
+    v, choice = fastest_engine(vdir, margin=1e9, with_tokenizer=False)
+    assert choice.name == "float32" and v.model.lm_head.weight.dtype == torch.float32
+    v8 = load_default_verifier(vdir, "int8", with_tokenizer=False)
+    assert v8.engine == "int8" and isinstance(v8.model.lm_head, Int8Linear)
+    assert load_default_verifier(vdir, "bfloat16", with_tokenizer=False).engine == "bfloat16"
