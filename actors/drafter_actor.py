@@ -30,7 +30,7 @@ from taps.drafting import DrafterRunner
 from taps.lookup import PromptLookupRunner, is_lookup
 from taps.models.drafter import compute_dtype, sha256_dir
 from taps.models.loading import load_verifier_parts, verifier_config
-from taps.runtime import (build_drafter, fastest_drafter_dtype, parse_drafter_dtype, parse_dtype, resolve_drafter,
+from taps.runtime import (build_drafter, engine_dtype, fastest_drafter_dtype, parse_drafter_dtype, resolve_drafter,
                           resolve_dtype)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class DrafterActor:
             self.runner = PromptLookupRunner(name, hidden_size=verifier_config(verifier).hidden_size)
         else:
             # The drafter reads the verifier's embedding and (full-vocab) lm_head; it never runs the verifier.
-            parts_dtype = parse_dtype(resolve_dtype(dtype, verifier, device))
+            parts_dtype = engine_dtype(resolve_dtype(dtype, verifier, device))
             parts = load_verifier_parts(verifier, dtype=parts_dtype, device=device)
             spec = resolve_drafter(f"{name}={checkpoint}" if checkpoint else name, allow_random=True)
             ddt = parse_drafter_dtype(drafter_dtype)

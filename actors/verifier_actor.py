@@ -25,8 +25,7 @@ from taps.adaptive import TreePolicy, online_policy
 from taps.compose import Strategy
 from taps.config import SamplingConfig, TreeConfig
 from taps.loop import LocalVerifier, decode
-from taps.models.loading import load_verifier
-from taps.runtime import parse_dtype, resolve_dtype
+from taps.runtime import load_default_verifier
 from taps.scheduler import BatchingVerifier
 from taps.text import TextStream
 from taps.verify import VerifierRunner
@@ -61,8 +60,9 @@ class VerifierActor:
         # with 1 verifier thread, 130 ms with 2 threads competing with them; docs/performance.md)
         if threads or device == "cpu":
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-        self.dtype = resolve_dtype(dtype, verifier, device)  # `auto`: measured here, on the verifier's machine
-        self.verifier = load_verifier(verifier, dtype=parse_dtype(self.dtype), device=device, with_tokenizer=False)
+        # the engine (a dtype or int8); `auto`: whole forwards timed here, on the verifier's machine
+        self.verifier = load_default_verifier(verifier, dtype, device, with_tokenizer=False)
+        self.dtype = self.verifier.engine
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
         self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
         self._tokenizer = None  # loaded on the first generate (prefill / verify callers do not need it)

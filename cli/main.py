@@ -14,20 +14,30 @@ from taps.config import ConfigError, SamplingConfig, TreeConfig
 log = logging.getLogger("taps")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
+    """serving: every model default is None (the --config file's value, else cluster.config.AppConfig's),
+    so that a flag given on the command line always wins over the file."""
+    dflt = (lambda v: None) if serving else (lambda v: v)
     p.add_argument("--verifier", default=None, help="HF Llama dir, .gguf file or hub id (default: shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="verifier dtype. float32 (default): exact mode, token-identical to `none`. bfloat16: fast "
-                        "mode, each token still the verifier's argmax in its own forward, may differ from bf16 `none` "
-                        "at near-ties. auto: whichever this machine runs fastest, measured at start-up")
-    p.add_argument("--drafter-dtype", default="auto", choices=["float32", "bfloat16", "float16", "int8", "auto"],
-                   help="drafter compute dtype; int8: weight-only int8 linears with bf16 activations; auto (default): the "
-                        "fastest of float32, bfloat16 and int8 for each drafter, timed at start-up; never affects the "
-                        "output")
+    p.add_argument("--dtype", "--engine", dest="dtype", default=dflt("float32"),
+                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "auto"],
+                   help="verifier engine. float32: exact mode, token-identical to float32 `none` (the default of "
+                        "generate and eval). bfloat16: fast mode, each token still the verifier's argmax in its own "
+                        "forward, may differ from float32 `none` at near-ties. int8 / int8-avx2: weight-only int8 "
+                        "linears (torch's kernel / this project's AVX2 kernel, taps/kernels), a quantized target model "
+                        "of its own, fast mode. auto (the serving default): whichever of these runs a whole verifier "
+                        "forward fastest "
+                        "here, measured at start-up (float32 unless another wins by 10%%)")
+    p.add_argument("--drafter-dtype", default=dflt("auto"),
+                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "auto"],
+                   help="drafter compute dtype; int8: weight-only int8 linears with bf16 activations; int8-avx2: the "
+                        "same weights on this project's AVX2 kernel, float32 activations; auto (default): the fastest "
+                        "of these for each drafter, timed at start-up; never affects the output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")
-    p.add_argument("--tree-depth", type=int, default=5, help="draft tree depth")
-    p.add_argument("--tree-top-k", type=int, default=4, help="children expanded per node")
-    p.add_argument("--tree-tokens", type=int, default=16, help="tree size per drafter per step (root included)")
+    p.add_argument("--tree-depth", type=int, default=dflt(5), help="draft tree depth (default 5)")
+    p.add_argument("--tree-top-k", type=int, default=dflt(4), help="children expanded per node (default 4)")
+    p.add_argument("--tree-tokens", type=int, default=dflt(16),
+                   help="tree size per drafter per step, root included (default 16)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
 
 
@@ -140,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-key", default=None, help="guard drafter admin routes (env TAPS_ADMIN_KEY)")
     s.add_argument("--drafters", default=None, help="drafters to start (default: shipped)")
     _add_tree_mode_arg(s, default=None)  # serve: learnt from the router's step times (config tree.mode)
-    _add_model_args(s)
+    _add_model_args(s, serving=True)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("drafters", help="list, add or remove drafters of a running server")

@@ -42,7 +42,9 @@ class TreeArgs(BaseModel):
 
 class AppConfig(BaseModel):
     verifier: str | None = None  # HF dir / .gguf / hub id; None = shipped SmolLM2-135M-Instruct
-    dtype: str = "float32"  # verifier dtype
+    # verifier engine: auto (default) = the fastest whole forward of float32, bfloat16 and int8 weight-only,
+    # timed by the verifier actor at start-up (float32 unless another wins by 10%); float32 = exact mode
+    dtype: str = "auto"
     # drafter compute dtype: auto (default) = the fastest of float32 / bfloat16 / int8 for each drafter, timed
     # where its actor runs; None = the verifier's. It never changes the output
     drafter_dtype: str | None = "auto"
@@ -71,6 +73,13 @@ class AppConfig(BaseModel):
     placement_timeout_s: float = Field(30.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)  # a placed actor must load its model within this
     min_replicas: int = Field(1, ge=1)  # router autoscaling
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from taps.runtime import check_engine
+
+        return check_engine(v)
     max_replicas: int = Field(2, ge=1)
 
     def resolved(self) -> "AppConfig":

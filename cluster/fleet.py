@@ -178,7 +178,14 @@ class DrafterFleet:
                                    (cfg.verifier, cfg.dtype, cfg.max_len, None, cfg.threads),
                                    "verifier actor taps-verifier", cfg.placement_timeout_s, cfg.start_timeout_s)
         log.info("verifier ready: %s, %s, %d torch threads", info["name"], info["dtype"], info["torch_threads"])
+        self.engine = info["dtype"]  # `auto` resolved by the verifier: drafters read features of this engine
         return handle
+
+    def engine_info(self) -> dict:
+        """The verifier's engine (`auto` resolved) and its numerics mode (for /v1/models)."""
+        from taps.runtime import numerics_mode
+
+        return {"engine": self.engine, "numerics": numerics_mode(self.engine)}
 
     def _register(self, entry: DrafterEntry, status: str) -> str:
         from taps.models.drafter import read_drafter_config, sha256_dir
@@ -204,7 +211,7 @@ class DrafterFleet:
             for name, what, opts in drafter_plan(cfg, [entry]):
                 _, info = start_actor(
                     DrafterActor, name, opts,
-                    (entry.name, entry.checkpoint, cfg.verifier, cfg.dtype, cfg.drafter_dtype,
+                    (entry.name, entry.checkpoint, cfg.verifier, self.engine, cfg.drafter_dtype,
                      RegistryHeartbeat(self.registry_url), cfg.grpc_host, cfg.max_len, cfg.threads, sha or None),
                     what, cfg.placement_timeout_s, cfg.start_timeout_s)
                 infos.append(info)

@@ -291,8 +291,9 @@ class OpenAIFrontEnd:
         if denied:
             return denied
         drafters = sorted(await self.fleet.ready_count.remote())
+        engine = await self.fleet.engine_info.remote()  # {"engine": "int8-avx2", "numerics": "fast"}
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "taps",
-                                            "drafters": drafters} for name in self.model_names]}
+                                            "drafters": drafters, **engine} for name in self.model_names]}
 
     async def health(self):
         verifier_ok = await self.decoder.health.remote()

@@ -50,7 +50,7 @@ def config_from_args(args) -> dict:
     cfg = load_config(getattr(args, "config", None))
     if getattr(args, "verifier", None):
         cfg["verifier"] = args.verifier
-    if getattr(args, "dtype", None) and args.dtype != "float32":
+    if getattr(args, "dtype", None):  # given on the command line: it wins over the file
         cfg["dtype"] = args.dtype
     if getattr(args, "drafter_dtype", None):
         cfg["drafter_dtype"] = args.drafter_dtype
@@ -63,7 +63,7 @@ def config_from_args(args) -> dict:
     tree = cfg.setdefault("tree", {})
     for key, attr in (("depth", "tree_depth"), ("top_k", "tree_top_k"), ("total_tokens", "tree_tokens")):
         if getattr(args, attr, None) is not None:
-            tree.setdefault(key, getattr(args, attr))
+            tree[key] = getattr(args, attr)  # given on the command line: it wins over the file
     if getattr(args, "tree", None):
         tree["mode"] = args.tree
     if getattr(args, "drafters", None):
@@ -168,13 +168,10 @@ def _verifier_info() -> dict:
         return {}
 
 
-def numerics_mode(dtype: str) -> str:
-    """'exact' for a float32 (or float64) verifier, else 'fast' (docs/api.md, numerics modes)."""
-    return "exact" if dtype in ("float32", "float64") else "fast"
-
-
 def defaults_line(cfg, info: dict) -> str:
     """What a request without a `taps` field gets: strategy, drafters, tree mode, numerics mode."""
+    from taps.runtime import numerics_mode
+
     drafters = cfg.default_drafters or [d.name for d in cfg.drafters]
     dtype = info.get("dtype", cfg.dtype)
     if cfg.tree.mode == "auto":
@@ -186,7 +183,7 @@ def defaults_line(cfg, info: dict) -> str:
     strategy = cfg.strategy if cfg.strategy == "none" or cfg.strategy.startswith("single:") else \
         f"{cfg.strategy} over {', '.join(drafters) or 'every ready drafter'}"
     return (f"default for requests without a `taps` field: {strategy}; {tree}; numerics: "
-            f"{numerics_mode(dtype)} ({dtype} verifier, {info.get('torch_threads', '?')} threads)")
+            f"{numerics_mode(dtype)} ({dtype} verifier engine, {info.get('torch_threads', '?')} threads)")
 
 
 def _last_line(e: BaseException) -> str:

@@ -125,7 +125,10 @@ def test_streaming_and_completions(cluster):
     comp = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
     ids = cluster["verifier"].tokenizer.encode("The capital of France is")
     assert comp.model_extra["taps"]["token_ids"] == _reference(cluster, ids, 12)
-    assert [m.id for m in client.models.list().data] == ["tiny"]  # served_model_names
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]  # served_model_names
+    # the verifier engine and its numerics mode (docs/api.md): float64 here, exact
+    assert (models[0].model_extra["engine"], models[0].model_extra["numerics"]) == ("float64", "exact")
 
 
 # ---------------------------------------------------------------------------------------- OpenAI compatibility
