@@ -159,13 +159,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.nkv * d, bias=False)
         self.v_proj = nn.Linear(h, self.nkv * d, bias=False)
         self.o_proj = nn.Linear(self.nh * d, h, bias=False)
+        self.qkv_proj = None  # an engine may fuse q, k, v into one module (taps.models.quant.fuse_projections)
+
+    def _qkv(self, x):
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache_k, cache_v, start):
         # x: [B, T, H]; cos/sin: [B, 1, T, D]; mask: [B, 1, T, start+T] bool or None (= causal-free, attend all)
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.nh, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.nkv, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.nkv, self.d).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = q.view(b, t, self.nh, self.d).transpose(1, 2)
+        k = k.view(b, t, self.nkv, self.d).transpose(1, 2)
+        v = v.view(b, t, self.nkv, self.d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache_k is not None:
@@ -182,9 +189,10 @@ class Attention(nn.Module):
         Projections run over all rows at once; attention runs per segment with exactly the shapes
         (and kernels) of that request decoded alone, so batching never changes a request's numbers."""
         _, r, _ = x.shape
-        q = self.q_proj(x).view(1, r, self.nh, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(1, r, self.nkv, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(1, r, self.nkv, self.d).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = q.view(1, r, self.nh, self.d).transpose(1, 2)
+        k = k.view(1, r, self.nkv, self.d).transpose(1, 2)
+        v = v.view(1, r, self.nkv, self.d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         y = x.new_zeros(1, r, self.nh * self.d)
@@ -204,8 +212,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # an engine may fuse gate and up into one module
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

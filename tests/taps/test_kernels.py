@@ -64,3 +64,22 @@ def test_packed_linear_matches_its_int8_weights_and_refuses_bad_input():
         _kernel().mm(torch.randn(1, 63), p.packed, p.scales)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         _kernel().pack(torch.zeros(12, 8, dtype=torch.int8))
+
+
+def test_fused_projections_give_the_unfused_bits():
+    """The int8-avx2 engine fuses q/k/v and gate/up (fewer calls per layer): same logits, bit for bit."""
+    import copy
+
+    from taps.models.llama import causal_mask
+    from taps.models.quant import quantize_verifier
+    from tests.support import random_llama, tiny_config
+
+    model = random_llama(tiny_config(vocab_size=211, hidden=64, layers=2), seed=2, dtype=torch.float32, scale=8.0)
+    fused = quantize_verifier(copy.deepcopy(model), kernel="avx2", model_dtype=torch.float32)
+    plain = quantize_verifier(copy.deepcopy(model), kernel="avx2", model_dtype=torch.float32, fuse=False)
+    assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].self_attn, "q_proj")
+    assert plain.layers[0].self_attn.qkv_proj is None and plain.layers[0].mlp.gate_up_proj is None
+    ids, pos = torch.tensor([[5, 9, 13, 77, 2, 40, 8]]), torch.arange(7)[None]
+    mask = causal_mask(7)[None, None]
+    with torch.inference_mode():
+        assert torch.equal(fused.logits(fused(ids, pos, None, mask)), plain.logits(plain(ids, pos, None, mask)))
