@@ -15,6 +15,7 @@ loop's `finally`): the decode service cancels the stream when its caller leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 
 from taps.adaptive import TreePolicy, online_policy
 from taps.compose import Strategy
-from taps.config import SamplingConfig, TreeConfig
+from taps.config import OutputOptions, SamplingConfig, TreeConfig
 from taps.loop import LocalVerifier, decode
 from taps.runtime import load_default_verifier
 from taps.scheduler import BatchingVerifier
@@ -48,6 +49,7 @@ class DecodePlan:
     auto: bool = True  # tree.mode auto: the strategy's online policy picks each step's arm
     deadline_s: float = 5.0  # per-step drafter deadline: a late drafter sits the step out
     stop: tuple[str, ...] = ()
+    output: OutputOptions = field(default_factory=OutputOptions)  # ignore_eos, stop string, special tokens
 
 
 class VerifierActor:
@@ -108,9 +110,13 @@ class VerifierActor:
         if self._pool is None:
             self._pool = ClientPool()
         links = {n: GrpcProposer(n, self._pool.get(addr), plan.deadline_s) for n, addr in plan.drafters.items()}
-        gen = decode(LocalVerifier(self.scheduler), links, plan.prompt_ids, plan.strategy, plan.sampling,
-                     plan.max_new_tokens, eos, plan.tree, policy=self._policy(plan), request_id=plan.request_id,
-                     text=TextStream(tokenizer, plan.stop))
+        out, sampling = plan.output, plan.sampling
+        if sampling.min_tokens:  # end-of-sequence tokens are masked out of the target until then
+            sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted(eos)))
+        gen = decode(LocalVerifier(self.scheduler), links, plan.prompt_ids, plan.strategy, sampling,
+                     plan.max_new_tokens, frozenset() if out.ignore_eos else eos, plan.tree, policy=self._policy(plan),
+                     request_id=plan.request_id,
+                     text=TextStream(tokenizer, plan.stop, out.include_stop_str, out.skip_special_tokens))
         try:
             async for event in gen:
                 yield event

@@ -28,7 +28,7 @@ from cluster.fleet import READY, ensure_registry_url
 from cluster.registry import Registry
 from taps.adaptive import online_policy
 from taps.compose import parse_strategy
-from taps.config import ConfigError, SamplingConfig, TreeConfig
+from taps.config import ConfigError, OutputOptions, SamplingConfig, TreeConfig
 from taps.loop import Emitted, Finished, Started, reserve_tokens
 
 __all__ = ["DecodeJob", "DecodeService", "Emitted", "Finished", "Started", "pick_replica"]
@@ -45,6 +45,7 @@ class DecodeJob:
     drafters: list[str] | None = None  # None: the server's default drafters
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     stop: tuple[str, ...] = ()  # stop sequences: decoding ends at the step whose text completes one
+    output: OutputOptions = field(default_factory=OutputOptions)  # ignore_eos, stop string in text, special tokens
 
 
 def pick_replica(replicas: list[dict], request_id: str) -> dict | None:
@@ -139,7 +140,8 @@ class DecodeService:
                     f"context window of {self.cfg.max_len} tokens", param="messages")
             plan = DecodePlan(job.request_id, list(job.prompt_ids), job.sampling, job.max_new_tokens, strategy,
                               {n: pick_replica(ready[n], job.request_id)["address"] for n in strategy.drafters},
-                              self.tree, self.cfg.tree.mode == "auto", self.cfg.deadline_ms / 1000, tuple(job.stop))
+                              self.tree, self.cfg.tree.mode == "auto", self.cfg.deadline_ms / 1000, tuple(job.stop),
+                              job.output)
             async with self._sem:
                 yield Started(strategy.name, list(strategy.drafters))
                 events = verifier.generate.options(num_returns="streaming").remote(plan)

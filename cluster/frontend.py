@@ -73,6 +73,7 @@ class Choice:
     logprobs: list = field(default_factory=list)  # TokenLogprob of every token received
     finish: str | None = None
     finished: Finished | None = None
+    tokens: int = 0  # completion tokens received so far
 
     async def events(self):
         """(text delta, [TokenLogprob]) per step, until finish is set."""
@@ -87,6 +88,7 @@ class Choice:
                 yield item.text, []
                 return
             if isinstance(item, Emitted):
+                self.tokens += len(item)
                 lps = list(item.logprobs or [])
                 self.logprobs.extend(lps)
                 self.text += item.text
@@ -181,12 +183,12 @@ class OpenAIFrontEnd:
                 try:
                     sampling = SamplingConfig(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                               seed=None if req.seed is None else req.seed + j,
-                                              logprobs=req.logprob_count)
+                                              logprobs=req.logprob_count, min_tokens=req.min_tokens)
                 except ConfigError as e:
                     raise BadRequest(str(e)) from e
                 jobs.append((DecodeJob(ids, sampling, max_new, opts.strategy if opts else None,
                                        opts.drafters if opts else None, uuid.uuid4().hex,
-                                       tuple(req.stops())), echo))
+                                       tuple(req.stops()), req.output_options()), echo))
         return jobs
 
     async def _infer(self, request: Request, kind: str):
@@ -219,6 +221,7 @@ class OpenAIFrontEnd:
         prompt_tokens = sum(len(job.prompt_ids) for job, _ in jobs[::req.n])
         view = ResponseView(kind, rid, model, self.tokenizer, req.logprob_count)
         if req.stream:
+            view.continuous_usage = (prompt_tokens, choices) if req.continuous_usage else None
             return StreamingResponse(self._stream(view, choices, prompt_tokens, req.include_usage),
                                      media_type="text/event-stream")
         try:
@@ -359,6 +362,7 @@ class ResponseView:
     tokenizer: object
     logprob_count: int | None
     created: int = field(default_factory=lambda: int(time.time()))
+    continuous_usage: tuple | None = None  # (prompt tokens, choices): `usage` in every streamed chunk
 
     @property
     def chat(self) -> bool:
@@ -403,6 +407,11 @@ class ResponseView:
             body = {**self._head("text_completion"), "choices": [choice]}
         if final and c.finished is not None:
             body["taps"] = taps_stats(c.finished)
+        if self.continuous_usage is not None:  # vLLM's continuous_usage_stats: usage so far, every chunk
+            prompt_tokens, choices = self.continuous_usage
+            done = sum(x.tokens for x in choices)
+            body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                             "total_tokens": prompt_tokens + done}
         return body
 
     def usage(self, choices: list[Choice], prompt_tokens: int) -> dict:

@@ -41,6 +41,7 @@ MAX_STOPS = 16
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False  # a last chunk with `usage` and no choices
+    continuous_usage_stats: bool = False  # vLLM: `usage` (so far) in every chunk as well
 
 
 class _Common(BaseModel):
@@ -62,6 +63,11 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions (what guidellm and `vllm bench serve` send)
+    ignore_eos: bool = False  # an end-of-sequence token is emitted and decoding goes on
+    min_tokens: int = Field(0, ge=0)  # end-of-sequence tokens masked out of the target until this many
+    include_stop_str_in_output: bool = False  # the text keeps the stop sequence that ended it
+    skip_special_tokens: bool = True
     taps: TapsOptions | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -92,7 +98,21 @@ class _Common(BaseModel):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        limit = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
+        if self.min_tokens and self.stop:  # vLLM ignores stop strings before min_tokens; not implemented here
+            raise ValueError("min_tokens together with stop sequences is not supported by this server")
         return self
+
+    def output_options(self):
+        from taps.config import OutputOptions
+
+        return OutputOptions(self.ignore_eos, self.include_stop_str_in_output, self.skip_special_tokens)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

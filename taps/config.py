@@ -36,6 +36,11 @@ class SamplingConfig:
     # report the verifier's log-probability of each emitted token and this many top alternatives
     # (None: off); from the verifier's own distribution (raw logits, before temperature/top-k/top-p)
     logprobs: int | None = None
+    # vLLM's min_tokens: `suppress_ids` (the caller fills in the end-of-sequence ids) are masked out of
+    # the verifier's target for the first `min_tokens` generated tokens. It changes the target
+    # distribution for every strategy alike, so the output stays identical to plain decoding under it
+    min_tokens: int = 0
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -44,9 +49,20 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.min_tokens < 0:
+            raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a request's output ends and reads (vLLM's sampling extensions, docs/api.md)."""
+
+    ignore_eos: bool = False  # an end-of-sequence token is emitted and decoding goes on
+    include_stop_str: bool = False  # the text keeps the stop sequence that ended it
+    skip_special_tokens: bool = True  # special tokens are left out of the text

@@ -11,14 +11,15 @@ from __future__ import annotations
 class IncrementalDetokenizer:
     """Text deltas from a growing token list, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.sent = 0
 
     def push(self, ids: list[int], final: bool = False) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         if not final and text.endswith("\ufffd"):
             return ""
         delta, self.sent = text[self.sent:], len(text)
@@ -29,8 +30,9 @@ class StopMatcher:
     """Stop sequences over a growing text: what may be sent, holding back a tail that could still
     begin a stop sequence, and where the first stop sequence starts."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include_stop: bool = False):
         self.stops = [s for s in stops if s]
+        self.include_stop = include_stop  # the text ends after the stop sequence instead of before it
         self.keep = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.sent = 0
@@ -44,7 +46,7 @@ class StopMatcher:
         at = first_stop(self.text, self.stops, max(0, self.sent - self.keep))
         if at is not None:
             self.hit = True
-            end = at
+            end = at + (max(len(x) for x in self.stops if self.text.startswith(x, at)) if self.include_stop else 0)
         elif final or not self.stops:
             end = len(self.text)
         else:
@@ -71,9 +73,9 @@ class TextStream:
     it could still begin a stop sequence or ends inside a UTF-8 sequence); `hit` is set once a stop
     sequence appears, and the text stops before it; `finish()` flushes what was held back."""
 
-    def __init__(self, tokenizer, stops=()):
-        self._detok = IncrementalDetokenizer(tokenizer)
-        self._stop = StopMatcher(list(stops))
+    def __init__(self, tokenizer, stops=(), include_stop: bool = False, skip_special_tokens: bool = True):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self._stop = StopMatcher(list(stops), include_stop)
 
     @property
     def hit(self) -> bool:

@@ -109,9 +109,18 @@ class _Request:
     cache: KVCache
     sampling: SamplingConfig
     seed: int  # keys the sampling noise of every position (taps.batching.gumbel_targets)
+    prompt_len: int = 0
 
     def targets(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The verifier's token at each row's next position: argmax, or a seeded sample."""
+        """The verifier's token at each row's next position: argmax, or a seeded sample (with
+        sampling.min_tokens, suppress_ids masked out where fewer than min_tokens were generated)."""
+        s = self.sampling
+        if s.min_tokens and s.suppress_ids:
+            early = (positions.to(logits.device) - self.prompt_len) < s.min_tokens
+            if bool(early.any()):
+                logits = logits.clone()
+                ids = torch.tensor(s.suppress_ids, device=logits.device)
+                logits[early.nonzero()[:, :1], ids[None]] = float("-inf")
         if self.sampling.greedy:
             return logits.argmax(-1)
         return gumbel_targets(torch.log(process_logits(logits, self.sampling)), self.seed, positions)
@@ -245,7 +254,7 @@ class VerifierRunner:
                 seed = int(torch.randint(2**62, ()).item())
             cache = self._slot()
             with self._lock:
-                self._requests[job.request_id] = _Request(cache, job.sampling, seed)
+                self._requests[job.request_id] = _Request(cache, job.sampling, seed, n)
             mask = build_mask(causal_mask(n, self.device), 0)
             return (Segment(cache, row, n, mask), torch.tensor(job.prompt_ids, dtype=torch.long),
                     torch.arange(n))

@@ -260,6 +260,35 @@ def test_stream_options_include_usage_sends_a_final_usage_chunk(cluster):
     assert all(ev.usage is None for ev in events[:-1])
 
 
+def test_vllm_sampling_extensions_that_benchmark_clients_send(cluster):
+    """guidellm and `vllm bench serve` send ignore_eos and stream_options.continuous_usage_stats;
+    include_stop_str_in_output, skip_special_tokens and min_tokens are vLLM's too (docs/api.md)."""
+    client = _client(cluster)
+    ids = cluster["verifier"].encode_chat(MESSAGES)
+    ref = _reference(cluster, ids, 24)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True, "min_tokens": 4, "skip_special_tokens": True})
+    assert r.usage.completion_tokens == 24  # ignore_eos: decoding runs to max_tokens
+    if not set(ref) & set(cluster["verifier"].eos_token_ids):
+        assert r.model_extra["taps"]["token_ids"] == ref  # no end-of-sequence id anywhere: the same tokens
+    events = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=9, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    counts = [ev.usage.completion_tokens for ev in events]
+    assert all(ev.usage is not None for ev in events) and counts == sorted(counts) and counts[-1] == 9
+    full = _text(cluster, ref)
+    stop = full[8:11]
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0, stop=stop,
+                                       extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].message.content == full[:full.index(stop) + len(stop)]
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM ignores stops before min_tokens; we refuse by name
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, stop="x",
+                                       extra_body={"min_tokens": 2})
+    assert "min_tokens" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, extra_body={"min_tokens": 9})
+
+
 @pytest.mark.parametrize("kw,param", [
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),

@@ -144,3 +144,28 @@ def test_serve_tree_mode_from_cli_and_config():
     assert AppConfig.model_validate(config_from_args(args)).tree.mode == "auto"  # the serving default
     with pytest.raises(ValueError):
         AppConfig.model_validate({"tree": {"mode": "sometimes"}})
+
+
+def test_serve_flags_win_over_the_config_file_and_the_engine_defaults_to_auto(tmp_path):
+    """A flag given on the command line beats --config (it used to lose to the file for tree sizes and
+    for --dtype float32); with neither, the verifier engine is `auto` (measured at start-up)."""
+    import json
+
+    from cli.main import build_parser
+    from cluster.config import AppConfig
+    from cluster.serve import config_from_args
+
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"dtype": "bfloat16", "tree": {"depth": 3, "top_k": 2, "total_tokens": 6}}))
+    args = build_parser().parse_args(["serve", "--config", str(conf), "--dtype", "float32", "--tree-depth", "7",
+                                      "--drafters", "math"])
+    cfg = AppConfig.model_validate(config_from_args(args))
+    assert cfg.dtype == "float32" and cfg.tree.depth == 7 and cfg.tree.total_tokens == 6  # the file fills the rest
+    args = build_parser().parse_args(["serve", "--config", str(conf), "--engine", "int8-avx2", "--drafters", "math"])
+    assert AppConfig.model_validate(config_from_args(args)).dtype == "int8-avx2"  # --engine: alias of --dtype
+    args = build_parser().parse_args(["serve", "--drafters", "math"])
+    cfg = AppConfig.model_validate(config_from_args(args))
+    assert cfg.dtype == "auto" and (cfg.tree.depth, cfg.tree.top_k, cfg.tree.total_tokens) == (5, 4, 16)
+    with pytest.raises(ValueError, match="unknown verifier engine"):
+        AppConfig.model_validate({"dtype": "int3"})
+    assert build_parser().parse_args(["generate", "--prompt", "x"]).dtype == "float32"  # in-process: exact

@@ -92,3 +92,48 @@ def test_stop_condition_ends_decoding_at_the_step_that_meets_it(setup):
     # the step before the last had not met it
     before = [t for s in steps[:-1] for t in s]
     assert target not in before
+
+
+def test_min_tokens_masks_eos_from_the_target_and_every_strategy_still_equals_none():
+    """vLLM's min_tokens: the end-of-sequence ids are out of the verifier's target for the first
+    min_tokens tokens (at any temperature), so no strategy can emit one early, and every strategy
+    still equals plain decoding under that target."""
+    import torch
+
+    from taps.compose import parse_strategy
+    from taps.config import SamplingConfig, TreeConfig
+    from taps.drafting import DrafterRunner
+    from taps.engine import TapsEngine
+    from taps.verify import VerifierRunner
+    from tests.support import random_drafter, random_llama, tiny_config
+
+    model = random_llama(tiny_config(vocab_size=97, hidden=32), seed=1, dtype=torch.float64, scale=30.0)
+    drafters = {n: DrafterRunner(random_drafter(model, n, seed=s), max_len=256, name=n) for n, s in (("a", 1), ("b", 2))}
+    prompt = [5, 9, 13, 2]
+    free = TapsEngine(VerifierRunner(model, max_len=256), drafters, TreeConfig(depth=3, top_k=2, total_tokens=8), [])
+    plain = free.generate(prompt, parse_strategy("none", []), SamplingConfig(), 12).token_ids
+    eos = plain[1]  # make the second token plain decoding writes the end-of-sequence id
+    eng = TapsEngine(VerifierRunner(model, max_len=256), drafters, TreeConfig(depth=3, top_k=2, total_tokens=8), [eos])
+    assert eng.generate(prompt, parse_strategy("none", []), SamplingConfig(), 12).token_ids == plain[:2]  # stops
+    for temp in (0.0, 1.0):
+        s = SamplingConfig(temperature=temp, seed=7, min_tokens=6)
+        ref = eng.generate(prompt, parse_strategy("none", []), s, 12).token_ids
+        assert len(ref) >= 6 and eos not in ref[:6], (temp, ref)
+        for spec in ("merged", "single:a", "confidence"):
+            assert eng.generate(prompt, parse_strategy(spec, ["a", "b"]), s, 12).token_ids == ref, (temp, spec)
+
+
+def test_text_stream_include_stop_and_special_tokens():
+    from taps.text import TextStream
+
+    class Tok:  # ids are characters; 0 is a special token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("<s>" if i == 0 and not skip_special_tokens else "" if i == 0 else chr(i) for i in ids)
+
+    ids = [ord(c) for c in "abc"] + [0] + [ord(c) for c in "STOPxyz"]
+    kept = TextStream(Tok(), ["STOP"], include_stop=True)
+    assert kept.push(ids) + kept.finish() == "abcSTOP" and kept.hit
+    cut = TextStream(Tok(), ["STOP"])
+    assert cut.push(ids) + cut.finish() == "abc"
+    raw = TextStream(Tok(), (), skip_special_tokens=False)
+    assert raw.push(ids) + raw.finish() == "abc<s>STOPxyz"
