@@ -136,6 +136,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plot(report: dict, path: str) -> None:
+    """Tokens/s against streams, one line per server and prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for server, style in (("llama.cpp", "--"), ("taps", "-")):
+        for name, marker in (("math", "o"), ("chat", "s")):
+            rows = [r for r in report["rows"] if r["set"] == name]
+            label = f"{'llama.cpp server' if server == 'llama.cpp' else 'TAPS-Serve (bare)'}, {name}"
+            ax.plot([r["streams"] for r in rows], [r[server]["tokens_per_s"] for r in rows], style, marker=marker,
+                    label=label)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("completion tokens / s")
+    ax.set_xticks(sorted({r["streams"] for r in report["rows"]}))
+    ax.set_title(f"Same GGUF, same client, T=0 ({report['cpu']}, {report['cores']} cores)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--taps-url", default=None, help="a running TAPS-Serve (default: start a bare `taps serve`)")
@@ -151,8 +174,16 @@ def main(argv=None) -> int:
     ap.add_argument("--server-log", default="runs/race_taps_server.log")
     ap.add_argument("--llama-log", default="runs/race_llama_server.log")
     ap.add_argument("--out", default="runs/race_llama.json")
+    ap.add_argument("--plot", default=None, help="write a PNG of tokens/s against streams")
+    ap.add_argument("--from-json", default=None, help="only redraw --plot / the table from a saved --out")
     args = ap.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",")]
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        print(table(report["rows"]))
+        if args.plot:
+            plot(report, args.plot)
+        return 0
     args.bare = True  # start_server: a bare `taps serve` (plus --serve-args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -176,6 +207,8 @@ def main(argv=None) -> int:
     print(f"\n{report['cpu']}, {report['cores']} cores; TAPS-Serve engine {report['taps_engine']} "
           f"({report['taps_numerics']}); {args.tokens} tokens, T=0\n")
     print(table(rows))
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 

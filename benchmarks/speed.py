@@ -22,6 +22,10 @@ A configuration is `STRATEGY[@OPT+OPT...]`:
     merged@fast            fast numerics mode: the verifier in --fast-dtype (bfloat16), drafters built from it;
                            compared with `none@fast` (added automatically): each divergence is a "flip",
                            reported with the float32 logit gap of the two tokens at the first differing position
+    merged@e=int8-avx2     the verifier as that engine (taps.runtime.ENGINES: float32, bfloat16, int8,
+                           int8-avx2); compared with `none@e=ENGINE` (added automatically)
+    merged@dd=auto         drafters in this drafter dtype (float32, bfloat16, int8, int8-avx2; auto: each
+                           drafter's fastest, timed at start-up, as `taps serve` does)
     merged@t=3/2/6         a fixed tree depth/top-k/total tokens
     merged@d=math/lookup   these drafters (`lookup`: n-gram prompt lookup, taps.lookup)
     hf / hf-lookup         Hugging Face `generate` greedy / prompt-lookup decoding (same weights)
@@ -156,6 +160,7 @@ class Config:
     auto: bool = False
     drafter_dtype: object = None  # None: the verifier's; torch.bfloat16 (@bf16) or "int8" (@int8)
     fast: bool = False
+    verifier_engine: str | None = None  # @e=ENGINE: the verifier as this engine (taps.runtime.ENGINES)
     tree: TreeConfig | None = None
     shared: bool = False  # @shared: the auto policy keeps one estimate for all requests
     drafters: list | None = None  # the drafters of confidence/entropy/merged (default: --drafters)
@@ -178,6 +183,12 @@ def parse_config(spec: str) -> Config:
             c.drafter_dtype = "int8"
         elif o == "fast":
             c.fast = True
+        elif o.startswith("e="):
+            c.verifier_engine = o[2:]
+        elif o.startswith("dd="):  # drafter dtype: float32, bfloat16, int8, int8-avx2 or auto (as served)
+            from taps.runtime import parse_drafter_dtype
+
+            c.drafter_dtype = parse_drafter_dtype(o[3:])
         elif o == "shared":  # --tree auto with one arm estimate for all requests (before per-request arms)
             c.shared = True
         elif o.startswith("d="):
@@ -201,14 +212,24 @@ def load_rows(path: Path, limit: int) -> list[dict]:
     return rows
 
 
+def vkey(c: Config, args) -> str | None:
+    """Which verifier a configuration runs on: None (--dtype's), or an engine name (@e=, @fast)."""
+    return c.verifier_engine or (args.fast_dtype if c.fast else None)
+
+
+def reference_spec(c: Config) -> str:
+    """The `none` configuration on the same verifier: the oracle of a configuration's tokens."""
+    return "none@fast" if c.fast else f"none@e={c.verifier_engine}" if c.verifier_engine else "none"
+
+
 def build(configs: list[Config], args, verifiers: dict):
-    """verifiers: {False: the exact-mode verifier, True: the fast-mode one (when a config is @fast)}."""
+    """verifiers: {None: the --dtype verifier, ENGINE: that engine's (for @fast and @e=ENGINE configs)}."""
     from taps.drafting import DrafterRunner
     from taps.engine import TapsEngine
     from taps.runtime import build_drafter, resolve_drafter
     from taps.verify import VerifierRunner
 
-    vrunners = {fast: VerifierRunner(v.model, max_len=args.max_len) for fast, v in verifiers.items()}
+    vrunners = {key: VerifierRunner(v.model, max_len=args.max_len) for key, v in verifiers.items()}
     runner_sets: dict[tuple, dict] = {}
     specs = [d.strip() for d in args.drafters.split(",") if d.strip()]  # NAME or NAME=PATH
     where = {s.split("=", 1)[0]: s for s in specs}
@@ -236,9 +257,9 @@ def build(configs: list[Config], args, verifiers: dict):
     for c in configs:
         if c.kind != "taps":
             continue
-        rs = runners(c.drafter_dtype, c.fast)
-        verifier = verifiers[c.fast]
-        eng = TapsEngine(vrunners[c.fast], rs, c.tree or default_tree, verifier.eos_token_ids)
+        rs = runners(c.drafter_dtype, vkey(c, args))
+        verifier = verifiers[vkey(c, args)]
+        eng = TapsEngine(vrunners[vkey(c, args)], rs, c.tree or default_tree, verifier.eos_token_ids)
         strat = parse_strategy(c.strategy, c.drafters or default_names, available=list(rs))
         c.parsed = strat
         if c.auto:
@@ -324,10 +345,62 @@ def gap_noise_report(args, prompt_files: list[Path]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- cost model
+def llama_cpp_curve(sizes, threads: int, prefix: int = 128, repeats: int = 7) -> list[float] | None:
+    """llama.cpp's own cost of n tokens in one decode after a `prefix`-token context (logits for every
+    token, the extra KV cells removed after each call): median seconds per size, or None without
+    llama-cpp-python. The curve a tree verifier on llama.cpp's kernels would pay."""
+    from eval.peers import find_gguf, llama_cpp_available
+
+    if not llama_cpp_available() or find_gguf() is None:
+        return None
+    from llama_cpp import Llama
+
+    m = Llama(model_path=str(find_gguf()), n_threads=threads, n_ctx=prefix + max(sizes) + 8, logits_all=True,
+              verbose=False)
+    ids = [(7 * i) % 4000 + 100 for i in range(prefix + max(sizes))]
+    m.reset()
+    m.eval(ids[:prefix])
+    out = []
+    for n in sizes:
+        times = []
+        for _ in range(repeats + 1):
+            m.n_tokens = prefix
+            m._ctx.kv_cache_seq_rm(-1, prefix, -1)
+            t0 = time.perf_counter()
+            m.eval(ids[prefix:prefix + n])
+            times.append(time.perf_counter() - t0)
+        out.append(sorted(times[1:])[repeats // 2])
+    return out
+
+
+def plot_costs(report: dict, path: str) -> None:
+    """ms per verifier forward against tree nodes, per engine, beside llama.cpp's n-token decode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, entry in report.items():
+        if name == "llama.cpp":
+            if entry.get("seconds"):
+                ax.plot(entry["sizes"], [1000 * x for x in entry["seconds"]], "k--", marker="x",
+                        label="llama.cpp (Q4_1 GGUF), N tokens in one decode")
+            continue
+        ax.plot(entry["verify_sizes"], [1000 * x for x in entry["verify_s"]], marker="o", label=f"TAPS verifier, {name}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (tree nodes) in one forward")
+    ax.set_ylabel("ms")
+    ax.set_title("Cost of one verifier forward after a 128-token prefix", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def cost_report(args) -> int:
     from taps.costmodel import dtype_name, measure_drafter, measure_verifier
     from taps.drafting import DrafterRunner
-    from taps.models.quant import int8_supported
+    from taps.models.quant import int8_supported, packed_int8_supported
     from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
 
     if args.threads:
@@ -337,13 +410,22 @@ def cost_report(args) -> int:
     trees = [TreeConfig(1, 1, 2), TreeConfig(2, 1, 3), TreeConfig(3, 2, 5), TreeConfig(4, 3, 8),
              TreeConfig(5, 4, 16)]
     out = {}  # taps.costmodel times with the process CPU clock when torch runs one thread
-    for dt in ("float32", "bfloat16"):
+    curve = llama_cpp_curve(sizes, torch.get_num_threads())
+    if curve is not None:
+        print(f"\nllama.cpp (llama-cpp-python, the shipped Q4_1 GGUF, {torch.get_num_threads()} threads, 128-token "
+              "prefix): ms per decode of N tokens")
+        print("| tokens | " + " | ".join(str(n) for n in sizes) + " |")
+        print("| --- " * (len(sizes) + 1) + "|")
+        print("| ms | " + " | ".join(f"{1000 * x:.1f}" for x in curve) + " |")
+    drafter_dtypes = ((torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ())
+                      + (("int8-avx2",) if packed_int8_supported() else ()))
+    for dt in args.cost_engines.split(","):
         v = load_default_verifier(None, dt)
         vt = measure_verifier(v.model, sizes=sizes, repeats=5)
         entry = args.drafters.split(",")[0]
         name = entry.split("=", 1)[0]
         dr = {}
-        for ddt in (torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ()):
+        for ddt in drafter_dtypes:
             d = build_drafter(resolve_drafter(entry, None, allow_random=False), v, dtype=ddt)
             r = DrafterRunner(d, max_len=1024, name=name)
             dr[dtype_name(ddt)] = [measure_drafter(r, v.model.config.hidden_size, t, repeats=5, flush=True)
@@ -375,8 +457,11 @@ def cost_report(args) -> int:
                       f"{step / base:.2f} | {2 * step / base:.2f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({dt: {"verify_sizes": list(sizes), "verify_s": vt.seconds, "draft_trees": [
-            [t.depth, t.top_k, t.total_tokens] for t in trees], "draft_s": dr} for dt, (vt, dr) in out.items()}, indent=1))
+        Path(args.json).write_text(json.dumps({**{dt: {"verify_sizes": list(sizes), "verify_s": vt.seconds, "draft_trees": [
+            [t.depth, t.top_k, t.total_tokens] for t in trees], "draft_s": dr} for dt, (vt, dr) in out.items()},
+            "llama.cpp": {"sizes": list(sizes), "seconds": curve}}, indent=1))
+        if args.plot:
+            plot_costs(json.loads(Path(args.json).read_text()), args.plot)
     return 0
 
 
@@ -391,11 +476,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--fast-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+    ap.add_argument("--fast-dtype", default="bfloat16", choices=["bfloat16", "float16", "int8", "int8-avx2"],
                     help="the verifier dtype of @fast configurations (fast numerics mode)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="per-phase timer breakdown per configuration")
     ap.add_argument("--json", default=None, help="write rows (and profiles) to this file")
+    ap.add_argument("--plot", default=None, help="--costs with --json: also draw the cost curves to this PNG")
+    ap.add_argument("--cost-engines", default="float32,bfloat16,int8,int8-avx2",
+                    help="--costs: the verifier engines to measure (taps.runtime.ENGINES)")
     ap.add_argument("--costs", action="store_true",
                     help="only print the cost model: verifier forward per tree size and drafting per depth, "
                          "float32 and bfloat16, and the acceptance length each tree needs for 1x and 2x `none`")
@@ -418,17 +506,19 @@ def main(argv=None) -> int:
     specs = [s.strip() for s in args.configs.split(",") if s.strip()]
     if "none" not in specs:
         specs = ["none"] + specs
-    if any(parse_config(s).fast for s in specs) and "none@fast" not in specs:
-        specs.insert(1, "none@fast")
+    for ref in dict.fromkeys(reference_spec(parse_config(s)) for s in specs if parse_config(s).kind == "taps"):
+        if ref not in specs:
+            specs.insert(1, ref)
     configs = [parse_config(s) for s in specs]
     verifier = load_default_verifier(None, args.dtype)
-    verifiers = {False: verifier}
-    if any(c.fast for c in configs):
-        from taps.costmodel import fastest_dtype
+    verifiers = {None: verifier}
+    if any(vkey(c, args) for c in configs):
+        from taps.runtime import fastest_engine
 
-        print(f"start-up dtype measurement (what --dtype auto picks here): "
-              f"{fastest_dtype(verifier.model.config).describe()}", file=sys.stderr)
-        verifiers[True] = load_default_verifier(None, args.fast_dtype)
+        print(f"start-up engine measurement (what --dtype auto picks here): "
+              f"{fastest_engine(None, with_tokenizer=False)[1].describe()}", file=sys.stderr)
+        for key in dict.fromkeys(vkey(c, args) for c in configs if vkey(c, args)):
+            verifiers[key] = load_default_verifier(None, key)
     build(configs, args, verifiers)
     hf = None
     if any(c.kind.startswith("hf") for c in configs):
@@ -507,7 +597,7 @@ def main(argv=None) -> int:
                 print(f"  {row['id']:22s} {c.spec:22s} {len(toks):4d} tok {secs:6.2f}s "
                       f"{len(toks) / max(secs, 1e-9):6.1f} tok/s  cpu {cpu:6.2f}s", file=sys.stderr, flush=True)
             for c in configs:
-                ref = outs["none@fast" if c.fast else "none"]
+                ref = outs[reference_spec(c) if c.kind == "taps" else "none"]  # peers: against ours
                 if outs[c.spec] != ref:
                     acc[(path.stem, c.spec)]["mismatch"] += 1
                     if c.fast:  # a flip: how close to a tie were the two tokens, in float32?
@@ -522,14 +612,14 @@ def main(argv=None) -> int:
             a = acc[(ds, c.spec)]
             tps = a["tokens"] / a["seconds"]
             cps = a["tokens"] / a["cpu"]
-            same = acc[(ds, "none@fast" if c.fast else "none")]
+            same = acc[(ds, reference_spec(c) if c.kind == "taps" else "none")]
             rows_out.append({"dataset": ds, "config": c.spec, "prompts": a["prompts"], "tokens": a["tokens"],
                              "tok_s": round(tps, 2), "vs_none": round(tps / base_tps, 3),
                              "vs_mode_none": round(tps / (same["tokens"] / same["seconds"]), 3),
                              "tok_per_cpu_s": round(cps, 2), "cpu_vs_none": round(cps / base_cps, 3),
                              "tau": round(a["step_tokens"] / a["steps"], 3) if a["steps"] else None,
                              "nodes_per_step": round(a["tree_nodes"] / a["steps"], 1) if a["steps"] else None,
-                             "mismatch": a["mismatch"], "mode": "fast" if c.fast else "exact" if c.kind == "taps" else "peer",
+                             "mismatch": a["mismatch"], "mode": ("peer" if c.kind != "taps" else c.verifier_engine or ("fast" if c.fast else "exact")),
                              "max_fp32_gap": round(max(a["gaps"]), 4) if a["gaps"] else None})
     print(f"\nverifier {verifier.name} {args.dtype}, threads {torch.get_num_threads()}, "
           f"{args.limit} prompts/set, {args.max_new_tokens} new tokens, T=0\n")

@@ -46,8 +46,8 @@ def parse_dtype(name: str) -> torch.dtype:
 # linears (taps.models.quant.quantize_verifier) over a model whose activations, norms, attention and
 # KV cache stay in float32: "int8" runs torch's `_weight_int8pack_mm` (bf16 rows into the matmul),
 # "int8-avx2" this project's AVX2 kernel (taps/kernels, float32 rows). float32 is exact mode; every
-# other engine is fast mode (a quantized engine is a target model of its own: lossless against its
-# own `none`).
+# other engine is fast mode (a quantized engine is a target model of its own: int8-avx2 is identical
+# to its own `none` alone or batched; int8 returns bf16 logits whose ties can flip, docs/api.md).
 ENGINES = ("float32", "bfloat16", "float16", "float64", INT8, INT8_AVX2)
 INT8_MODEL_DTYPE = torch.float32
 INT8_ACT_DTYPE = torch.bfloat16
