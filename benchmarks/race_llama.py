@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,13 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import BARE_SETS, cpu_name, prompt_set, start_server, stop_server  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.serving import (BARE_SETS, _free_port, cpu_name, prompt_set, start_server,  # noqa: E402
+                                stop_server)
 
 
 def start_llama(args) -> tuple[subprocess.Popen, str]:
