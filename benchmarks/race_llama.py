@@ -31,13 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import (BARE_SETS, _free_port, cpu_name, prompt_set, start_server,  # noqa: E402
-                                stop_server)
+from benchmarks.serving import (BARE_SETS, _free_port, cpu_name, launch, prompt_set,  # noqa: E402
+                                start_server, stop_server)
 
 
 def start_llama(args) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     from eval.peers import find_gguf
 
     gguf = find_gguf()
@@ -47,21 +45,7 @@ def start_llama(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(args.llama_threads or os.cpu_count() or 1), "--n_ctx", "2048",
            "--model_alias", "llama.cpp"]
-    log = open(args.llama_log, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama.cpp server exited ({proc.returncode}); see {args.llama_log}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise SystemExit(f"llama.cpp server not up within 120 s; see {args.llama_log}")
+    return launch(cmd, port, "/v1/models", args.llama_log, 120, "llama.cpp server")
 
 
 async def one(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:

@@ -54,30 +54,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(cmd: list[str], port: int, probe: str, log_path: str, timeout: float, what: str
+           ) -> tuple[subprocess.Popen, str]:
+    """Start a server process (its output to log_path) and wait until GET probe answers 200."""
+    import httpx
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited ({proc.returncode}); see {log_path}")
+        try:
+            if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
+                print(f"{what} healthy after {time.time() - t0:.0f} s", file=sys.stderr)
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(proc)
+    raise SystemExit(f"{what} not healthy within {timeout} s; see {log_path}")
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
     if not args.bare:
         cmd += ["--tree", args.tree, "--drafters", args.drafters]
     cmd += args.serve_args.split() if args.serve_args else []
-    log = open(args.server_log, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    t0 = time.time()
-    while time.time() - t0 < args.start_timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); see {args.server_log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(f"server healthy after {time.time() - t0:.0f} s", file=sys.stderr)
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise SystemExit(f"server not healthy within {args.start_timeout} s; see {args.server_log}")
+    return launch(cmd, port, "/health", args.server_log, args.start_timeout, "server")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
