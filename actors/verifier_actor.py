@@ -15,7 +15,6 @@ loop's `finally`): the decode service cancels the stream when its caller leaves.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -110,13 +109,11 @@ class VerifierActor:
         if self._pool is None:
             self._pool = ClientPool()
         links = {n: GrpcProposer(n, self._pool.get(addr), plan.deadline_s) for n, addr in plan.drafters.items()}
-        out, sampling = plan.output, plan.sampling
-        if sampling.min_tokens:  # end-of-sequence tokens are masked out of the target until then
-            sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted(eos)))
-        gen = decode(LocalVerifier(self.scheduler), links, plan.prompt_ids, plan.strategy, sampling,
-                     plan.max_new_tokens, frozenset() if out.ignore_eos else eos, plan.tree, policy=self._policy(plan),
-                     request_id=plan.request_id,
-                     text=TextStream(tokenizer, plan.stop, out.include_stop_str, out.skip_special_tokens))
+        out = plan.output
+        gen = decode(LocalVerifier(self.scheduler), links, plan.prompt_ids, plan.strategy, plan.sampling,
+                     plan.max_new_tokens, eos, plan.tree, policy=self._policy(plan), request_id=plan.request_id,
+                     text=TextStream(tokenizer, plan.stop, out.include_stop_str, out.skip_special_tokens),
+                     ignore_eos=out.ignore_eos)
         try:
             async for event in gen:
                 yield event

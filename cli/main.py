@@ -26,8 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
                         "forward, may differ from float32 `none` at near-ties. int8 / int8-avx2: weight-only int8 "
                         "linears (torch's kernel / this project's AVX2 kernel, taps/kernels), a quantized target model "
                         "of its own, fast mode. auto (the serving default): whichever of these runs a whole verifier "
-                        "forward fastest "
-                        "here, measured at start-up (float32 unless another wins by 10%%)")
+                        "forward fastest here, measured at start-up (float32 unless another wins by 10%%)")
     p.add_argument("--drafter-dtype", default=dflt("auto"),
                    choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "auto"],
                    help="drafter compute dtype; int8: weight-only int8 linears with bf16 activations; int8-avx2: the "

@@ -73,6 +73,7 @@ class AppConfig(BaseModel):
     placement_timeout_s: float = Field(30.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)  # a placed actor must load its model within this
     min_replicas: int = Field(1, ge=1)  # router autoscaling
+    max_replicas: int = Field(2, ge=1)
 
     @field_validator("dtype")
     @classmethod
@@ -80,7 +81,6 @@ class AppConfig(BaseModel):
         from taps.runtime import check_engine
 
         return check_engine(v)
-    max_replicas: int = Field(2, ge=1)
 
     def resolved(self) -> "AppConfig":
         """Fill secrets and the registry URL from the environment (names documented in CONTRACTS.md)."""

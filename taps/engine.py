@@ -8,7 +8,6 @@ A step reads like the paper: propose, select or merge, verify, compact caches, o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass
 
 from taps.adaptive import TreePolicy
@@ -58,8 +57,6 @@ class TapsEngine:
     async def agenerate(self, prompt_ids: list[int], strategy: Strategy, sampling: SamplingConfig,
                         max_new_tokens: int, on_tokens=None) -> GenerationResult:
         self._check(strategy)
-        if sampling.min_tokens and not sampling.suppress_ids:  # min_tokens masks the end-of-sequence ids
-            sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted(self.eos_ids)))
         policy = self.policies.get(strategy.name)
         proposers = {d: LocalProposer(self.drafters[d], d) for d in strategy.drafters}
         finished = None

@@ -23,6 +23,7 @@ Rules, each in one place:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -239,14 +240,21 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
                  sampling: SamplingConfig, max_new_tokens: int, eos_ids: frozenset[int], tree: TreeConfig,
                  policy: TreePolicy | None = None, request_id: str | None = None, on_error=None,
                  record_nodes: bool = False, stop: Callable[[list[int]], bool] | None = None,
-                 text=None) -> AsyncIterator:
+                 text=None, ignore_eos: bool = False) -> AsyncIterator:
     """Async generator of typed events: `Started`, then each step's kept tokens (`Emitted`, a list of
     ids with their text delta), then `Finished`.
 
     Drafters of the strategy missing from `proposers` never draft. With `policy` each step's arm
     (a tree, SKIP, or a per-drafter plan) comes from the policy; else every drafter grows `tree`.
     `stop(token_ids)`, asked after each step, ends decoding early (Finished.stopped). `text` (a
-    taps.text.TextStream) detokenizes each step once; a stop sequence it sees ends decoding too."""
+    taps.text.TextStream) detokenizes each step once; a stop sequence it sees ends decoding too.
+    vLLM's `sampling.min_tokens` masks `eos_ids` out of the verifier's target until then (unless the
+    caller named other `suppress_ids`); `ignore_eos`: an end-of-sequence token is emitted and decoding
+    goes on."""
+    if sampling.min_tokens and not sampling.suppress_ids:
+        sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted(eos_ids)))
+    if ignore_eos:
+        eos_ids = frozenset()
     rid = request_id or uuid.uuid4().hex
     largest = policy.max_tree if policy else tree
     arms = policy.request() if policy else None  # this request's own tokens per arm

@@ -100,12 +100,17 @@ def as_engine(verifier: Verifier, name: str) -> Verifier:
     return verifier
 
 
+def int8_options(device: str | torch.device = "cpu") -> tuple[str, ...]:
+    """The weight-only int8 kernels that run on `device`: int8 where this torch runs its int8 matmul,
+    int8-avx2 (CPU) where taps/kernels builds. Verifier engines and drafter dtypes alike."""
+    return (((INT8,) if int8_supported(device) else ())
+            + ((INT8_AVX2,) if str(device).startswith("cpu") and packed_int8_supported() else ()))
+
+
 def engine_candidates(device: str | torch.device = "cpu") -> tuple[str, ...]:
     """What `auto` weighs on this device: float32 first (exact, the default unless beaten), bfloat16,
-    int8 where this torch runs its int8 weight-only matmul, int8-avx2 where its kernel builds."""
-    cpu = str(device).startswith("cpu")
-    return (("float32", "bfloat16") + ((INT8,) if int8_supported(device) else ())
-            + ((INT8_AVX2,) if cpu and packed_int8_supported() else ()))
+    and the int8 engines that run here."""
+    return ("float32", "bfloat16") + int8_options(device)
 
 
 @dataclass
@@ -246,8 +251,7 @@ def fastest_drafter_dtype(spec: DrafterSpec, verifier: Verifier | VerifierParts,
     where int8 weights were 1.5x faster again: drafting reads weights from memory)."""
     if candidates is None:
         device = verifier.model.embed_tokens.weight.device
-        candidates = ((torch.float32, torch.bfloat16) + ((INT8,) if int8_supported(device) else ())
-                      + ((INT8_AVX2,) if str(device).startswith("cpu") and packed_int8_supported() else ()))
+        candidates = (torch.float32, torch.bfloat16) + int8_options(device)
     tree = TreeConfig(depth=5, top_k=4, total_tokens=16)
     hidden = verifier.model.config.hidden_size
     seconds = {}

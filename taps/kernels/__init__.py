@@ -52,4 +52,3 @@ def int8_gemm():
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch kernels remain
         log.warning("int8 AVX2 kernel unavailable (%s): %s", type(e).__name__, str(e).strip().splitlines()[-1:])
         return None
-

@@ -193,21 +193,14 @@ def quantize_int8(drafter: EagleDrafter, kernel: str = "torch") -> EagleDrafter:
     become weight-only int8 (taps.models.quant). kernel "torch": torch's int8 matmul, norms,
     activations and the KV cache in bf16; "avx2": taps/kernels' AVX2 kernel, all of them in float32.
     A full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
-    from taps.models.quant import PackedInt8Linear, quantize_linears
+    from taps.models.quant import quantize_linears
 
     layers = ["layer"] + [f"extra_layers.{i}" for i in range(len(drafter.extra_layers))]
     names = ["fc"] + [f"{layer}.{part}" for layer in layers for part in
                       [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
     names += ["lm_head"] if drafter.lm_head is not None else []
-    if kernel == "avx2":
-        drafter.to(torch.float32)
-        for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = drafter.get_submodule(parent_name) if parent_name else drafter
-            setattr(parent, attr, PackedInt8Linear(getattr(parent, attr)))
-        return drafter
-    drafter.to(torch.bfloat16)
-    return quantize_linears(drafter, names, torch.bfloat16)
+    drafter.to(torch.float32 if kernel == "avx2" else torch.bfloat16)
+    return quantize_linears(drafter, names, torch.bfloat16, kernel)
 
 
 def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:

@@ -113,15 +113,19 @@ def packed_int8_supported() -> bool:
     return int8_gemm() is not None
 
 
-def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace the nn.Linear submodules at dotted `names` by Int8Linear, in place."""
+def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype = torch.bfloat16,
+                     kernel: str = "torch") -> nn.Module:
+    """Replace the nn.Linear submodules at dotted `names`, in place: by Int8Linear (kernel "torch",
+    `act_dtype` rows) or PackedInt8Linear (kernel "avx2", float32 rows)."""
+    if kernel not in ("torch", "avx2"):
+        raise ValueError(f"unknown int8 kernel {kernel!r}; use torch or avx2")
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         lin = getattr(parent, attr)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear")
-        setattr(parent, attr, Int8Linear(lin, act_dtype))
+        setattr(parent, attr, Int8Linear(lin, act_dtype) if kernel == "torch" else PackedInt8Linear(lin))
     return module
 
 
@@ -160,18 +164,9 @@ def quantize_verifier(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16,
     different from the float32 verifier; batching never changes its output where
     taps.batching.row_quantum finds its kernel row-invariant (the AVX2 kernel is by construction).
     `fuse` (AVX2 kernel): q/k/v and gate/up as one matmul each (fuse_projections), same bits."""
-    if kernel == "avx2" and fuse:  # (torch's int8 kernel: measured no faster fused, left as loaded)
+    if kernel == "avx2" and fuse:  # (the torch-kernel engine stays unfused: the fused variant was not measured)
         fuse_projections(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if kernel == "avx2":
-        for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, PackedInt8Linear(getattr(parent, attr)))
-    elif kernel == "torch":
-        quantize_linears(model, names, act_dtype)
-    else:
-        raise ValueError(f"unknown int8 kernel {kernel!r}; use torch or avx2")
+    quantize_linears(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)], act_dtype, kernel)
     model.to(model_dtype or act_dtype)
     for m in model.modules():  # .to() cast the scales too (exactly: they were act_dtype values)
         if isinstance(m, Int8Linear):
