@@ -1,7 +1,8 @@
 """CPU kernels built from source with torch's C++ extension loader (g++ and ninja), once per machine.
 
-`int8_gemm()`: the packed weight-only int8 matmul of int8_gemm.cpp (AVX2 + FMA), or None where this
-CPU or toolchain cannot run it. Built into ~/.cache/taps/kernels/<torch version> on first use (about
+`cpu_kernels()`: one extension module for x86 CPUs with AVX2 + FMA, or None where this CPU or toolchain
+cannot run it: `pack` and `mm`, the packed weight-only int8 matmul (int8_gemm.cpp), and `Decoder`, a
+Llama decoder stack over those weights in one call (decoder.cpp). Built into ~/.cache/taps/kernels/<torch version> on first use (about
 a minute on 2 cores; `python -m taps.kernels` builds it ahead, as scripts/setup.sh does) and loaded
 from there afterwards. A kernel that fails to build is reported once and left out: every caller has
 torch's own kernels to fall back on.
@@ -35,10 +36,10 @@ def cpu_has_avx2() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def int8_gemm():
-    """The int8_gemm extension module (functions `pack`, `mm`), or None (reason logged once)."""
+def cpu_kernels():
+    """The extension module (`pack`, `mm`, `Decoder`), or None (reason logged once)."""
     if not cpu_has_avx2():
-        log.info("int8 AVX2 kernel: this CPU has no AVX2 (torch capability %s)",
+        log.info("AVX2 kernels: this CPU has no AVX2 (torch capability %s)",
                  torch.backends.cpu.get_cpu_capability())
         return None
     from torch.utils.cpp_extension import load
@@ -46,9 +47,9 @@ def int8_gemm():
     out = build_root()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name="taps_int8_gemm", sources=[str(HERE / "int8_gemm.cpp")], build_directory=str(out),
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        return load(name="taps_cpu_kernels", sources=[str(HERE / "int8_gemm.cpp"), str(HERE / "decoder.cpp")],
+                    build_directory=str(out), extra_include_paths=[str(HERE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch kernels remain
-        log.warning("int8 AVX2 kernel unavailable (%s): %s", type(e).__name__, str(e).strip().splitlines()[-1:])
+        log.warning("AVX2 kernels unavailable (%s): %s", type(e).__name__, str(e).strip().splitlines()[-1:])
         return None

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from taps.models.llama import DecoderLayer, KVCache, LlamaConfig, Rotary, pad_rows
+from taps.models.llama import DecoderLayer, KVCache, LlamaConfig, Rotary, pad_rows, run_layers
 
 FORMAT = "taps-drafter/1"
 
@@ -83,6 +83,7 @@ class EagleDrafter(nn.Module):
         self.layer = DecoderLayer(cfg.llama)
         self.extra_layers = nn.ModuleList(DecoderLayer(cfg.llama) for _ in range(cfg.num_layers - 1))
         self.rotary = Rotary(cfg.llama)
+        self.fused = None  # the AVX2 int8 drafter runs its layers as one kernel call (quantize_int8)
         if cfg.draft_vocab_size:
             self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
             self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
@@ -160,10 +161,7 @@ class EagleDrafter(nn.Module):
         emb = self.embed_tokens(tokens).to(self.dtype)
         x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))[None]
         cos, sin = self.rotary(positions[None], x.dtype)
-        for i, layer in enumerate(self.decoder_layers):
-            for seg in segments:
-                seg.layer = i
-            x = layer.forward_segments(x, cos, sin, segments)
+        x = run_layers(self.decoder_layers, getattr(self, "fused", None), x, cos, sin, segments)
         for seg in segments:
             seg.cache.length = seg.base + seg.rows
         return x[0, :r]
@@ -200,7 +198,12 @@ def quantize_int8(drafter: EagleDrafter, kernel: str = "torch") -> EagleDrafter:
                       [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
     names += ["lm_head"] if drafter.lm_head is not None else []
     drafter.to(torch.float32 if kernel == "avx2" else torch.bfloat16)
-    return quantize_linears(drafter, names, torch.bfloat16, kernel)
+    quantize_linears(drafter, names, torch.bfloat16, kernel)
+    if kernel == "avx2":
+        from taps.models.quant import fused_decoder
+
+        drafter.fused = fused_decoder(drafter.decoder_layers, drafter.config.llama)
+    return drafter
 
 
 def with_reduced_vocab(drafter: EagleDrafter, token_ids: torch.Tensor) -> EagleDrafter:

@@ -128,12 +128,21 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, num_layers: int, max_len: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.dim_head)
-        # empty, not zeros: slots past `length` are never read (masks cover only [0, length + T))
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, batch, cfg.num_key_value_heads, max_len, cfg.dim_head)
+        # empty, not zeros: slots past `length` are never read (masks cover only [0, length + T));
+        # one block per kind, the per-layer tensors views of it (a fused kernel takes the block)
+        self._k = torch.empty(shape, dtype=dtype, device=device)
+        self._v = torch.empty(shape, dtype=dtype, device=device)
+        self.k, self.v = [self._k[i] for i in range(num_layers)], [self._v[i] for i in range(num_layers)]
         self.max_len = max_len
         self.length = 0
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values as [L, B, nkv, S, D] blocks, or None once `k` / `v` were replaced by other
+        tensors (taps.batchgen drops rows that way)."""
+        if self.k[0].data_ptr() != self._k.data_ptr() or self.v[0].data_ptr() != self._v.data_ptr():
+            return None
+        return self._k, self._v
 
     def keep(self, base: int, slots: torch.Tensor) -> None:
         """Move cache slots `slots` to [base, base + len(slots)) and truncate there.
@@ -250,6 +259,23 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def run_layers(layers, fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               segments: list["Segment"]) -> torch.Tensor:
+    """x [1, R, H] through decoder `layers` over `segments`: by `fused` (a taps/kernels Decoder over the
+    same weights, one C++ call, see taps.models.quant.fused_decoder) when every segment's cache is one
+    stacked block, else layer by layer in eager torch."""
+    caches = [seg.cache.stacked() for seg in segments] if fused is not None else None
+    if caches and all(c is not None for c in caches):
+        return fused.forward(x[0].contiguous(), cos[0, 0], sin[0, 0], [c[0] for c in caches], [c[1] for c in caches],
+                             [s.row for s in segments], [s.rows for s in segments], [s.base for s in segments],
+                             [s.mask for s in segments])[None]
+    for i, layer in enumerate(layers):
+        for seg in segments:
+            seg.layer = i
+        x = layer.forward_segments(x, cos, sin, segments)
+    return x
+
+
 @dataclass
 class Segment:
     """The rows [row, row + rows) of a flat batch that extend one request's KV cache at `base`
@@ -309,6 +335,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        self.fused = None  # an engine may run the layers as one kernel call (taps.models.quant.fused_decoder)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -347,10 +374,7 @@ class Llama(nn.Module):
                 raise ValueError(f"KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len} slots")
         x = self.embed_tokens(input_ids)[None]
         cos, sin = self.rotary(positions[None], x.dtype)
-        for i, layer in enumerate(self.layers):
-            for seg in segments:
-                seg.layer = i
-            x = layer.forward_segments(x, cos, sin, segments)
+        x = run_layers(self.layers, getattr(self, "fused", None), x, cos, sin, segments)
         for seg in segments:
             seg.cache.length = seg.base + seg.rows
         return self.norm(x)[0, :r]

@@ -70,9 +70,9 @@ class PackedInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        from taps.kernels import int8_gemm
+        from taps.kernels import cpu_kernels
 
-        self._kernel = int8_gemm()
+        self._kernel = cpu_kernels()
         q, scale = per_channel_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.act_dtype = torch.float32
@@ -108,9 +108,9 @@ class PackedInt8Linear(nn.Module):
 
 def packed_int8_supported() -> bool:
     """Whether the AVX2 int8 kernel builds and runs here (x86-64 with AVX2 + FMA, g++ and ninja)."""
-    from taps.kernels import int8_gemm
+    from taps.kernels import cpu_kernels
 
-    return int8_gemm() is not None
+    return cpu_kernels() is not None
 
 
 def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype = torch.bfloat16,
@@ -172,4 +172,45 @@ def quantize_verifier(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16,
         if isinstance(m, Int8Linear):
             m.scales = m.scales.to(act_dtype)
             m.bias = None if m.bias is None else m.bias.to(act_dtype)
+    if kernel == "avx2":
+        model.fused = fused_decoder(model.layers, model.config)
     return model
+
+
+def fused_decoder(layers, cfg):
+    """A taps/kernels `Decoder` over these decoder layers' PackedInt8Linear weights (shared, except q/k/v
+    and gate/up of unfused layers, concatenated once), or None where it cannot run them: then the
+    eager layers serve. The Decoder computes every row of a step in one C++ call (decoder.cpp); like
+    the matmul, each row's result is the same alone or batched."""
+    from taps.kernels import cpu_kernels
+
+    mod = cpu_kernels()
+    if mod is None:
+        return None
+
+    def packed(linears):
+        if len(linears) == 1:
+            return linears[0].packed, linears[0].scales
+        return torch.cat([lin.packed for lin in linears]), torch.cat([lin.scales for lin in linears])
+
+    weights = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        linears = [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
+        if not all(isinstance(lin, PackedInt8Linear) and lin.bias is None and lin.out_features % 8 == 0
+                   for lin in linears):
+            return None
+        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if any(w.dtype != torch.float32 for w in norms):
+            return None
+        weights.append([norms[0].detach().contiguous(), *packed(qkv), *packed([attn.o_proj]),
+                        norms[1].detach().contiguous(), *packed(gate_up), *packed([mlp.down_proj])])
+    try:
+        return mod.Decoder(weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head, cfg.rms_norm_eps)
+    except RuntimeError as e:  # a shape the kernel does not take (e.g. head dim not a multiple of 16)
+        import logging
+
+        logging.getLogger(__name__).info("fused decoder unavailable: %s", str(e).splitlines()[0])
+        return None

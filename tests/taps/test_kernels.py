@@ -1,7 +1,8 @@
-"""The AVX2 weight-only int8 kernel (taps/kernels/int8_gemm.cpp): the matmul it claims, within float32
-rounding of a float64 reference, and batch invariance by construction: a row gets the same bits alone,
-in any slice of a batch, on either of its code paths (1-3 rows in registers, more through a widened
-buffer), whatever the thread count."""
+"""The AVX2 kernels (taps/kernels): the weight-only int8 matmul (int8_gemm.cpp) is the matmul it claims,
+within float32 rounding of a float64 reference, and batch invariant by construction: a row gets the
+same bits alone, in any slice of a batch, in any register tile, whatever the thread count. The fused
+decoder (decoder.cpp) computes what the eager layers compute over the same int8 weights, within
+float32 rounding, and a request's rows get the same bits alone or beside other requests' rows."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ pytestmark = pytest.mark.skipif(not packed_int8_supported(), reason="no AVX2 CPU
 
 
 def _kernel():
-    from taps.kernels import int8_gemm
+    from taps.kernels import cpu_kernels
 
-    return int8_gemm()
+    return cpu_kernels()
 
 
 @pytest.mark.parametrize("k_cols", [100, 131, 576])
@@ -83,3 +84,93 @@ def test_fused_projections_give_the_unfused_bits():
     mask = causal_mask(7)[None, None]
     with torch.inference_mode():
         assert torch.equal(fused.logits(fused(ids, pos, None, mask)), plain.logits(plain(ids, pos, None, mask)))
+
+
+def _fused_and_eager(seed=3):
+    import copy
+
+    from taps.models.quant import quantize_verifier
+    from tests.support import random_llama, tiny_config
+
+    model = random_llama(tiny_config(vocab_size=211, hidden=64, layers=2), seed=seed, dtype=torch.float32, scale=8.0)
+    fused = quantize_verifier(copy.deepcopy(model), kernel="avx2", model_dtype=torch.float32)
+    eager = quantize_verifier(copy.deepcopy(model), kernel="avx2", model_dtype=torch.float32)  # same int8 weights
+    eager.fused = None
+    assert fused.fused is not None and fused.fused.num_layers == 2
+    return fused, eager
+
+
+def _tree_step(model, prompts, pad_to=1):
+    """Prefill each prompt into its own cache, then one forward of a 5-node tree per request, all
+    requests in one call -> (logits of every tree row, caches)."""
+    from taps.models.llama import Segment, build_mask, causal_mask
+
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool)
+    caches, segs, ids, pos = [], [], [], []
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            c = model.new_cache(64)
+            model.forward_segments(torch.tensor(p), torch.arange(len(p)), [Segment(c, 0, len(p), causal_mask(len(p))[None, None])])
+            caches.append(c)
+            segs.append(Segment(c, 5 * i, 5, build_mask(tree, len(p))))
+            ids.append(torch.tensor([p[-1] + 1, 3, 4, 5, 6]))
+            pos.append(len(p) + torch.tensor([0, 1, 1, 2, 2]))
+        logits = model.logits(model.forward_segments(torch.cat(ids), torch.cat(pos), segs, pad_to))
+    return logits, caches
+
+
+def test_fused_decoder_computes_the_eager_layers():
+    fused, eager = _fused_and_eager()
+    prompts = [[5, 9, 13, 77, 2, 40, 8], [100, 3]]
+    got, got_caches = _tree_step(fused, prompts)
+    ref, ref_caches = _tree_step(eager, prompts)
+    assert 0 < (got - ref).abs().max() <= 1e-4 * ref.abs().max()  # its own float32 kernels, same maths
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    for a, b in zip(got_caches, ref_caches):  # the keys and values it wrote, rope included
+        n = a.length
+        assert n == b.length and torch.allclose(a.k[1][:, :, :n], b.k[1][:, :, :n], atol=1e-4)
+        assert torch.allclose(a.v[0][:, :, :n], b.v[0][:, :, :n], atol=1e-4)
+
+
+def test_fused_decoder_rows_are_bit_identical_alone_batched_or_padded():
+    fused, _ = _fused_and_eager(seed=4)
+    a, b = [5, 9, 13, 77, 2, 40, 8], [100, 3, 17]
+    alone, _ = _tree_step(fused, [a])
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            batched, _ = _tree_step(fused, [b, a, b], pad_to=8)  # padding rows ride along, attend to nothing
+            assert torch.equal(batched[5:10], alone), t
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_decoder_refuses_inconsistent_segments():
+    from taps.models.llama import Segment, causal_mask
+
+    fused, _ = _fused_and_eager()
+    c = fused.new_cache(8)
+    seg = Segment(c, 0, 3, causal_mask(2)[None, None])  # a mask for 2 rows on a 3-row segment
+    with pytest.raises(RuntimeError, match="mask 0 must be bool"):
+        fused.forward_segments(torch.tensor([1, 2, 3]), torch.arange(3), [seg])
+
+
+def test_avx2_drafter_runs_its_layers_fused_with_the_eager_numbers():
+    from taps.models.drafter import quantize_int8
+    from taps.models.llama import Segment, causal_mask
+    from tests.support import random_drafter
+
+    fused_verifier, _ = _fused_and_eager()
+    d = quantize_int8(random_drafter(fused_verifier, "math", seed=1), kernel="avx2")
+    eager = quantize_int8(random_drafter(fused_verifier, "math", seed=1), kernel="avx2")
+    eager.fused = None
+    assert d.fused is not None
+    toks, pos = torch.tensor([4, 8, 15, 16]), torch.arange(4)
+    hidden = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    out = []
+    for m in (d, eager):
+        with torch.inference_mode():
+            out.append(m.forward_segments(toks, hidden, pos, [Segment(m.new_cache(16), 0, 4, causal_mask(4)[None, None])]))
+    assert torch.allclose(out[0], out[1], atol=1e-4 * out[1].abs().max())
