@@ -92,9 +92,12 @@ void int8_matmul(const float* x, int64_t ldx, int64_t R, int64_t K, const int8_t
     const int64_t rn = std::min(kRowChunk, R - r0);
     const float* xr = x + r0 * ldx;
     float* yr = y + r0 * ldy;
+    // passes of at most 4 rows, balanced (5 rows: 3 + 2, not 4 + 1: a 1-row pass widens as much as a
+    // 4-row one)
+    const int64_t passes = (rn + 3) / 4, rt = (rn + passes - 1) / passes;
     at::parallel_for(0, NB, 24, [&](int64_t b0, int64_t b1) {
-      for (int64_t r = 0; r < rn; r += 4)
-        rows(std::min<int64_t>(4, rn - r), xr + r * ldx, ldx, K, w, scale, yr + r * ldy, ldy, b0, b1);
+      for (int64_t r = 0; r < rn; r += rt)
+        rows(std::min<int64_t>(rt, rn - r), xr + r * ldx, ldx, K, w, scale, yr + r * ldy, ldy, b0, b1);
     });
   }
 }
