@@ -256,6 +256,7 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
     if ignore_eos:
         eos_ids = frozenset()
     rid = request_id or uuid.uuid4().hex
+    vocab = getattr(verifier, "vocab_size", None)  # drafts are checked against it (None: not checked)
     largest = policy.max_tree if policy else tree
     arms = policy.request() if policy else None  # this request's own tokens per arm
     state = Decoding(strategy, max_new_tokens, eos_ids, largest.depth)
@@ -292,8 +293,8 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             history.add(*state.drafter_inputs())
             plan = dict(zip(strategy.drafters, plan_trees(arm, len(strategy.drafters))))
             calls = [n for n in strategy.drafters if n in proposers and plan[n] is not None]
-            trees = await asyncio.gather(*(_propose(proposers[n], rid, history, acked, plan[n], failed)
-                                           for n in calls))
+            trees = await asyncio.gather(*(_propose(proposers[n], rid, history, acked, plan[n], failed,
+                                                    state.root, vocab) for n in calls))
             chosen = state.choose([t for t in trees if t is not None])
             t2 = time.perf_counter()
             result = await verifier.verify(VerifyJob(rid, chosen))
@@ -320,18 +321,23 @@ async def collect(events: AsyncIterator) -> Finished:
     return finished
 
 
-async def _propose(p: Proposer, rid: str, history: PairHistory, acked: dict, tree: TreeConfig, on_error):
+async def _propose(p: Proposer, rid: str, history: PairHistory, acked: dict, tree: TreeConfig, on_error,
+                   root: int, vocab: int | None):
+    """One drafter's tree for this step, or None when it failed, was late, or returned a tree that does
+    not fit the request (DraftTree.check_for): such a drafter sits the step out and the failure is
+    counted (Finished.drafter_errors, `taps_drafter_errors` in /metrics); the output never sees it."""
     tokens, hidden, start = history.since(acked[p.name])
     try:
         out = await p.propose(DraftInput(rid, tokens, hidden, start, tree))
-    except ProposerError as e:
-        if e.lost:
+        acked[p.name] = len(history.tokens)
+        out.check_for(root, tree.total_tokens - 1, tree.depth, vocab)
+    except (ProposerError, ValueError) as e:
+        if isinstance(e, ProposerError) and e.lost:
             acked[p.name] = 0  # the drafter lost this request: resend everything next time
         if on_error:
             on_error(p.name, e)
         log.warning("drafter %s left out of a step: %s", p.name, e)
         return None
-    acked[p.name] = len(history.tokens)
     return out
 
 
@@ -383,6 +389,10 @@ class LocalVerifier:
 
     async def release(self, request_id: str) -> None:
         self.scheduler.runner.release(request_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.runner.model.config.vocab_size
 
     def load(self) -> Load:
         return self.scheduler.load()

@@ -79,6 +79,22 @@ class DraftTree:
         if n > 1 and not torch.equal(self.depths[1:], self.depths[p[1:]] + 1):
             raise ValueError("DraftTree depths must equal parent depth + 1")
 
+    def check_for(self, root: int, max_nodes: int, max_depth: int, vocab_size: int | None = None) -> None:
+        """A drafter's tree is checked against the request before it reaches the verifier: node 0 is
+        the request's root token at depth 0, parents and depths are consistent, at most `max_nodes`
+        draft nodes and `max_depth` levels (what was asked for), every token inside the vocabulary.
+        Raises ValueError naming the first violation. (A wrong root or shifted depths would verify
+        the wrong positions; an out-of-vocabulary id would fail the whole tick.)"""
+        if self.tokens.dtype != torch.long or int(self.tokens[0]) != root or int(self.depths[0]) != 0:
+            raise ValueError(f"draft tree root must be token {root} at depth 0, got token "
+                             f"{int(self.tokens[0])} at depth {int(self.depths[0])}")
+        if self.size - 1 > max_nodes or (self.size > 1 and int(self.depths.max()) > max_depth):
+            raise ValueError(f"draft tree has {self.size - 1} nodes and depth {int(self.depths.max())}; "
+                             f"asked for at most {max_nodes} nodes, depth {max_depth}")
+        if vocab_size is not None and not bool(((self.tokens >= 0) & (self.tokens < vocab_size)).all()):
+            raise ValueError(f"draft tree has token ids outside the vocabulary [0, {vocab_size})")
+        self.validate()
+
     def ancestor_mask(self) -> torch.Tensor:
         """[N, N] bool: mask[i, j] is True iff j is i or an ancestor of i."""
         n = self.size
