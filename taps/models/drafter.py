@@ -345,6 +345,11 @@ def load_drafter(directory: str | Path, verifier, name: str | None = None,
     drafter = EagleDrafter(cfg, m.embed_tokens, m.lm_head)
     state = load_file(str(directory / "model.safetensors"))
     missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if drafter.d2t is not None:  # draft ids map to verifier token ids: each must be one, and only once
+        d2t, vocab = drafter.d2t, cfg.llama.vocab_size
+        if not bool(((d2t >= 0) & (d2t < vocab)).all()) or d2t.unique().numel() != d2t.numel():
+            raise DrafterMismatchError(f"{directory}: its draft vocabulary map (d2t) has ids outside [0, {vocab}) "
+                                       f"or repeated ids")
     if cfg.head == "verifier-rows" and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
         with torch.no_grad():

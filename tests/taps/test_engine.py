@@ -351,6 +351,29 @@ def test_drafter_for_another_verifier_is_refused(tmp_path):
         load_drafter(tmp_path / "math", v1, expected_sha256="0" * 64)
 
 
+def test_draft_vocabulary_map_out_of_range_is_refused_at_load(tmp_path):
+    """A reduced-vocabulary drafter's d2t map must name verifier token ids (issue 33: trust nothing
+    from a drafter); one id out of range, or one id twice, and the checkpoint is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from taps.models.drafter import load_drafter, new_drafter, save_drafter, with_reduced_vocab
+    from taps.models.loading import load_verifier
+    from tests.support import save_hf_llama
+
+    save_hf_llama(random_llama(tiny_config(vocab_size=97, hidden=32), seed=1), tmp_path / "v")
+    v = load_verifier(str(tmp_path / "v"), with_tokenizer=False)
+    save_drafter(with_reduced_vocab(new_drafter("math", v), torch.arange(40)), tmp_path / "math")
+    assert load_drafter(tmp_path / "math", v).d2t.max() == 39
+    f = tmp_path / "math" / "model.safetensors"
+    for bad in (97, -1, 0):  # past the vocabulary, negative, a repeat of id 0
+        state = load_file(str(f))
+        state["d2t"] = torch.arange(40)
+        state["d2t"][7] = bad
+        save_file(state, str(f))
+        with pytest.raises(DrafterMismatchError, match="d2t"):
+            load_drafter(tmp_path / "math", v)
+
+
 def test_adaptive_tree_policy_stays_lossless_and_prefers_cheap_productive_trees(tiny):
     from taps.adaptive import TreePolicy
 
