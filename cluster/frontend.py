@@ -129,9 +129,20 @@ class OpenAIFrontEnd:
         return None
 
     async def _body(self, request: Request, model):
-        raw = await request.body()
-        if len(raw) > self.cfg.max_body_bytes:
-            return None, error(413, f"request body over {self.cfg.max_body_bytes} bytes", code="body_too_large")
+        """The body, read with a cap (a declared Content-Length over it is refused before reading; a
+        body that streams past it is cut off), validated into `model`."""
+        cap, too_big = self.cfg.max_body_bytes, error(413, f"request body over {self.cfg.max_body_bytes} bytes",
+                                                       code="body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return None, too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return None, too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -168,6 +179,9 @@ class OpenAIFrontEnd:
             else:
                 if not p:
                     raise BadRequest("prompt is empty", param="prompt")
+                if max(p) >= len(self.tokenizer):
+                    raise BadRequest(f"prompt token id {max(p)} is outside the vocabulary of {len(self.tokenizer)}",
+                                     param="prompt")
                 out.append((list(p), self.tokenizer.decode(p, skip_special_tokens=True) if req.echo else ""))
         return out
 

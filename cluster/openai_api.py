@@ -29,13 +29,30 @@ class Message(BaseModel):
             raise ValueError(f"unknown role {v!r}")
         return "system" if v == "developer" else v
 
+    @field_validator("content")
+    @classmethod
+    def _parts(cls, v):
+        """Content parts must be text parts with string text: another part type (an image) would be
+        dropped silently, and a number or null where text belongs is a bad request, not a 500."""
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                if not isinstance(part, dict) or part.get("type", "text") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"content part {i}: only text parts are supported by this server, got {kind!r}")
+                if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                    raise ValueError(f"content part {i} must be {{\"type\": \"text\", \"text\": <string>}}")
+        return v
+
     def text(self) -> str:
-        if isinstance(self.content, list):  # [{"type": "text", "text": ...}]
-            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict))
+        if isinstance(self.content, list):  # [{"type": "text", "text": ...}] (checked above)
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
 
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256  # per stop sequence: each is matched against the text of every step
+MAX_CHOICES = 64  # prompts x n of one completions request: each is its own decoding
+MAX_TOKEN_ID = 2**31 - 1  # token ids past the tokenizer's vocabulary are refused in the front end
 
 
 class StreamOptions(BaseModel):
@@ -92,6 +109,8 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")
@@ -108,7 +127,7 @@ class _Common(BaseModel):
     def output_options(self):
         from taps.config import OutputOptions
 
-        return OutputOptions(self.ignore_eos, self.include_stop_str_in_output, self.skip_special_tokens)
+        return OutputOptions(self.ignore_eos, self.include_stop_str_in_output, self.skip_special_tokens, self.stream)
 
     @property
     def continuous_usage(self) -> bool:
@@ -165,6 +184,12 @@ class CompletionRequest(_Common):
             raise ValueError("best_of other than n is not supported by this server")
         if self.echo and self.logprobs is not None:
             raise ValueError("echo with logprobs (prompt log-probabilities) is not supported by this server")
+        prompts = self.prompts()
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"{len(prompts)} prompts x n={self.n} is over {MAX_CHOICES} choices per request")
+        for p in prompts:
+            if not isinstance(p, str) and any(t < 0 or t > MAX_TOKEN_ID for t in p):
+                raise ValueError("prompt token ids must be non-negative")
         return self
 
     @property

@@ -406,6 +406,10 @@ def test_killed_drafter_does_not_break_requests(cluster):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ({"messages": [{"role": "user", "content": "x " * 3000}], "max_tokens": 8}, 400),
     ({"messages": "hello"}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "s" * 5000}, 400),
 ])
 def test_bad_input_gets_openai_error_shape(cluster, body, status):
     r = httpx.post(cluster["base"] + "/v1/chat/completions", json=body, timeout=120,
@@ -413,6 +417,27 @@ def test_bad_input_gets_openai_error_shape(cluster, body, status):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"prompt": [5, -1], "echo": True, "max_tokens": 4}, 400),  # a negative id (was a 500 in the tokenizer)
+    ({"prompt": [5, 10**6], "echo": True, "max_tokens": 4}, 400),  # past the vocabulary
+    ({"prompt": [[1, 2]] * 20000, "max_tokens": 4}, 400),  # 20,000 decodings from one request
+    ({"prompt": "hi", "n": 16, "max_tokens": 4, "stop": ["x"] * 17}, 400),
+])
+def test_bad_completions_are_refused_fast(cluster, body, status):
+    t0 = time.monotonic()
+    r = httpx.post(cluster["base"] + "/v1/completions", json=body, timeout=120,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == status, r.text
+    assert time.monotonic() - t0 < 2.0 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_body_over_the_cap_is_refused(cluster):
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
+    r = httpx.post(cluster["base"] + "/v1/chat/completions", content=big, headers={
+        "Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 def test_malformed_json_and_keys(cluster):
