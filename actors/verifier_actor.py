@@ -24,7 +24,7 @@ import torch
 from taps.adaptive import TreePolicy, online_policy
 from taps.compose import Strategy
 from taps.config import OutputOptions, SamplingConfig, TreeConfig
-from taps.loop import LocalVerifier, decode
+from taps.loop import Emitted, Finished, LocalVerifier, decode
 from taps.runtime import load_default_verifier
 from taps.scheduler import BatchingVerifier
 from taps.text import TextStream
@@ -115,7 +115,23 @@ class VerifierActor:
                      text=TextStream(tokenizer, plan.stop, out.include_stop_str, out.skip_special_tokens),
                      ignore_eos=out.ignore_eos)
         try:
+            if out.streamed:
+                async for event in gen:
+                    yield event
+                return
+            # not streamed: the steps' tokens go back as one Emitted before Finished, not one Ray object
+            # per step through the decode service and the front end (under load those hops were most
+            # of the CPU; docs/performance.md)
+            merged = Emitted()
             async for event in gen:
+                if isinstance(event, Emitted):
+                    merged.extend(event)
+                    merged.text += event.text
+                    if event.logprobs is not None:
+                        merged.logprobs = (merged.logprobs or []) + list(event.logprobs)
+                    continue
+                if isinstance(event, Finished) and merged:
+                    yield merged
                 yield event
         finally:
             await gen.aclose()

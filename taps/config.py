@@ -66,3 +66,4 @@ class OutputOptions:
     ignore_eos: bool = False  # an end-of-sequence token is emitted and decoding goes on
     include_stop_str: bool = False  # the text keeps the stop sequence that ended it
     skip_special_tokens: bool = True  # special tokens are left out of the text
+    streamed: bool = True  # False: nobody reads the steps as they come, so they may arrive as one event
