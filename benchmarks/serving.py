@@ -124,7 +124,8 @@ async def http_rows(args, url: str) -> tuple[list[dict], dict]:
             solo[strat] = {**_per_step([o["stats"] for o in outs]),
                            "latency_s": round(sum(o["latency"] for o in outs), 3),
                            "tokens": sum(len(o["token_ids"]) for o in outs)}
-    return rows, {"refs": refs, "solo": solo}
+        models = (await client.get(url + "/v1/models")).json()["data"]
+    return rows, {"refs": refs, "solo": solo, "engine": models[0].get("engine", "float32")}
 
 
 def prompt_set(path: str, n: int) -> list[str]:
@@ -167,7 +168,8 @@ async def bare_rows(args, url: str) -> tuple[list[dict], dict]:
                     for name in sets for p in sets[name][:args.solo_prompts]]
             breakdown[strat or "default"] = step_breakdown(outs)
             print(json.dumps({"breakdown": strat or "default", **breakdown[strat or "default"]}), file=sys.stderr)
-    return rows, {"refs": refs_all, "breakdown": breakdown}
+        models = (await client.get(url + "/v1/models")).json()["data"]
+    return rows, {"refs": refs_all, "breakdown": breakdown, "engine": models[0].get("engine", "float32")}
 
 
 def step_breakdown(outs: list[dict]) -> dict:
@@ -188,19 +190,19 @@ def step_breakdown(outs: list[dict]) -> dict:
 
 
 def bare_inprocess(args, refs_all: dict) -> dict:
-    """The 1-stream solo pass of --bare in this process: the same prompts, the same code path (the
-    loop, the default strategy over math and chat with an online policy, drafters at
-    --drafter-dtype auto), torch threads as the verifier actor's (1 on 2 cores), no Ray, HTTP or gRPC."""
+    """The 1-stream solo pass of --bare in this process: the same prompts, the same verifier engine as
+    the server reported in /v1/models, the same code path (the loop, the default strategy over math
+    and chat with an online policy, drafters at --drafter-dtype auto), torch threads as the verifier
+    actor's (1 on 2 cores), no Ray, HTTP or gRPC."""
     import torch
 
     from taps.adaptive import online_policy
     from taps.compose import parse_strategy
     from taps.config import SamplingConfig, TreeConfig
-    from taps.models.loading import load_verifier
-    from taps.runtime import build_engine, parse_drafter_dtype
+    from taps.runtime import build_engine, load_default_verifier, parse_drafter_dtype
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
-    verifier = load_verifier(None, dtype=torch.float32)
+    verifier = load_default_verifier(None, args.served_engine)  # the engine the server runs, same numerics
     engine, _ = build_engine(verifier, ["math", "chat"], TreeConfig(), drafter_dtype=parse_drafter_dtype("auto"))
     merged = parse_strategy("merged", ["chat", "math"])
     engine.policies[merged.name] = online_policy(merged)
@@ -278,11 +280,10 @@ def inprocess(args, refs: dict) -> dict:
     from taps.drafting import DrafterRunner
     from taps.engine import TapsEngine
     from taps.lookup import PromptLookupRunner, is_lookup
-    from taps.models.loading import load_verifier
-    from taps.runtime import build_drafter, resolve_drafter
+    from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
     from taps.verify import VerifierRunner
 
-    verifier = load_verifier(None, dtype=torch.float32)
+    verifier = load_default_verifier(None, args.served_engine)  # the server's engine (/v1/models)
     names = [d.split("=")[0] for d in args.drafters.split(",")]
     runners = {}
     for item in args.drafters.split(","):
@@ -399,6 +400,7 @@ def main(argv=None) -> int:
     finally:
         if proc is not None:
             stop_server(proc)
+    args.served_engine = extra.get("engine", "float32")
     ip = None if args.no_inprocess else (bare_inprocess if args.bare else inprocess)(args, extra["refs"])
     report = {"cpu": cpu_name(), "cores": os.cpu_count(), "tokens": args.tokens, "streams": args.streams,
               "rows": rows, "inprocess": ip, "date": time.strftime("%Y-%m-%d %H:%M")}
