@@ -8,7 +8,7 @@ import torch
 from taps.models.llama import Llama, causal_mask
 from training.tiny import make_tiny_verifier_dir, random_llama, save_hf_llama, tiny_config
 
-__all__ = ["greedy_reference", "make_tiny_verifier_dir", "random_drafter", "random_llama", "save_hf_llama",
+__all__ = ["chain_tree", "greedy_reference", "make_tiny_verifier_dir", "random_drafter", "random_llama", "save_hf_llama",
            "tiny_config"]
 
 
@@ -24,6 +24,18 @@ def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5, num_lay
         for p in d.parameters():
             p.normal_(0, std)
     return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)
+
+
+def chain_tree(tokens: list[int], drafter: str, depths: torch.Tensor | None = None):
+    """A DraftTree that is one chain: tokens[0] the root, each node the child of the one before
+    (`depths` defaults to 0, 1, 2, ...); what a test proposer returns."""
+    from taps.tree import DraftTree
+
+    n = len(tokens)
+    return DraftTree(tokens=torch.tensor(tokens), parents=torch.arange(-1, n - 1),
+                     depths=torch.arange(n) if depths is None else depths,
+                     scores=-0.1 * torch.arange(n, dtype=torch.float32), entropies=torch.zeros(n),
+                     source=torch.zeros(n, dtype=torch.long), drafters=(drafter,))
 
 
 def greedy_reference(model: Llama, prompt: list[int], n: int, eos=()) -> list[int]:

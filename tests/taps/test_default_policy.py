@@ -16,7 +16,7 @@ from taps.loop import LocalVerifier, collect, decode
 from taps.scheduler import BatchingVerifier
 from taps.tree import DraftTree
 from taps.verify import VerifierRunner
-from tests.support import greedy_reference, random_llama, tiny_config
+from tests.support import chain_tree, greedy_reference, random_llama, tiny_config
 
 PROMPT = [3, 17, 42, 5, 9]
 VOCAB = 97
@@ -39,10 +39,7 @@ class ChainProposer:
         cont = self.reference[j + 1:j + 1 + k]
         if self.wrong:
             cont = [(t + 1) % VOCAB for t in cont]
-        n = len(cont) + 1
-        return DraftTree(tokens=torch.tensor([int(inp.tokens[-1])] + cont), parents=torch.arange(-1, n - 1),
-                         depths=torch.arange(n), scores=-0.1 * torch.arange(n, dtype=torch.float32),
-                         entropies=torch.zeros(n), source=torch.zeros(n, dtype=torch.long), drafters=(self.name,))
+        return chain_tree([int(inp.tokens[-1])] + cont, self.name)
 
     async def release(self, request_id: str) -> None:
         pass

@@ -16,7 +16,7 @@ from taps.loop import LocalVerifier, collect, decode
 from taps.scheduler import BatchingVerifier
 from taps.tree import DraftTree
 from taps.verify import VerifierRunner
-from tests.support import greedy_reference, random_llama, tiny_config
+from tests.support import chain_tree, greedy_reference, random_llama, tiny_config
 
 PROMPT = [3, 17, 42, 5, 9]
 VOCAB = 97
@@ -33,21 +33,14 @@ class BadProposer:
         j = inp.start + inp.tokens.shape[0] - len(PROMPT)  # the root is generated token j
         k = min(inp.tree.depth, inp.tree.total_tokens - 1)
         toks = [int(inp.tokens[-1])] + self.reference[j + 1:j + 1 + k]
-        n = len(toks)
-        depths = torch.arange(n)
         if self.fault == "root":
             toks[0] = (toks[0] + 1) % VOCAB
-        elif self.fault == "depth":
-            depths = depths + 1
         elif self.fault == "vocab":
             toks[-1] = VOCAB + 5
         elif self.fault == "size":  # a chain far deeper than asked for
             toks = toks + [self.reference[(j + 1 + k + i) % len(self.reference)] for i in range(40)]
-            n = len(toks)
-            depths = torch.arange(n)
-        return DraftTree(tokens=torch.tensor(toks), parents=torch.arange(-1, n - 1), depths=depths,
-                         scores=-0.1 * torch.arange(n, dtype=torch.float32), entropies=torch.zeros(n),
-                         source=torch.zeros(n, dtype=torch.long), drafters=(self.name,))
+        depths = torch.arange(len(toks)) + (1 if self.fault == "depth" else 0)
+        return chain_tree(toks, self.name, depths)
 
     async def release(self, request_id: str) -> None:
         pass
