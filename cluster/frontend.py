@@ -47,7 +47,9 @@ def as_serving_error(e: BaseException) -> ServingError:
     if isinstance(cause, ServingError):
         return cause
     log.exception("request failed", exc_info=e)
-    return ServingError(f"generation failed: {type(e).__name__}: {e}")
+    # the body names the error's type only: str() of a Ray error carries the remote traceback
+    inner = cause if isinstance(cause, BaseException) else e
+    return ServingError(f"generation failed: internal error ({type(inner).__name__}); the server log has the details")
 
 
 def error_response(e: BaseException) -> JSONResponse:
