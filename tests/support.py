@@ -8,7 +8,7 @@ import torch
 from taps.models.llama import Llama, causal_mask
 from training.tiny import make_tiny_verifier_dir, random_llama, save_hf_llama, tiny_config
 
-__all__ = ["chain_tree", "greedy_reference", "make_tiny_verifier_dir", "random_drafter", "random_llama", "save_hf_llama",
+__all__ = ["chain_tree", "greedy_reference", "start_local_ray", "make_tiny_verifier_dir", "random_drafter", "random_llama", "save_hf_llama",
            "tiny_config"]
 
 
@@ -24,6 +24,24 @@ def random_drafter(model: Llama, name: str, seed: int, std: float = 0.5, num_lay
         for p in d.parameters():
             p.normal_(0, std)
     return d.to(model.embed_tokens.weight.dtype).eval().requires_grad_(False)
+
+
+def start_local_ray(**kw) -> None:
+    """ray.init(address="local", **kw), once more after a failed start: Ray waits a fixed 30 s for the
+    raylet to register, which a 2-core CI machine still reaping the previous test module's cluster
+    can miss ("The current node timed out during startup")."""
+    import time
+
+    import ray
+
+    try:
+        ray.init(address="local", **kw)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        time.sleep(5)
+        ray.init(address="local", **kw)
 
 
 def chain_tree(tokens: list[int], drafter: str, depths: torch.Tensor | None = None):

@@ -20,7 +20,7 @@ from taps.compose import parse_strategy  # noqa: E402
 from taps.config import SamplingConfig, TreeConfig  # noqa: E402
 from taps.models.drafter import new_drafter, save_drafter  # noqa: E402
 from taps.models.loading import load_verifier  # noqa: E402
-from tests.support import make_tiny_verifier_dir  # noqa: E402
+from tests.support import make_tiny_verifier_dir, start_local_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # one local Ray + Serve for the module
 
@@ -58,7 +58,7 @@ def cluster(tmp_path_factory):
     use_patient_serve_env()
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name="taps", route_prefix="/", blocking=False)

@@ -17,6 +17,8 @@ ray = pytest.importorskip("ray")
 
 from ray import serve  # noqa: E402
 
+from tests.support import start_local_ray  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,8 +48,8 @@ def test_train_in_the_serving_cluster_then_add_and_use(tmp_path):
     use_patient_serve_env()
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dash, log_to_driver=False)
+    start_local_ray(num_cpus=4, namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1",
+                    dashboard_port=dash, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"verifier": str(vdir), "dtype": "float64", "drafters": [], "max_len": 512,
