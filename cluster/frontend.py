@@ -133,17 +133,19 @@ class OpenAIFrontEnd:
     async def _body(self, request: Request, model):
         """The body, read with a cap (a declared Content-Length over it is refused before reading; a
         body that streams past it is cut off), validated into `model`."""
-        cap, too_big = self.cfg.max_body_bytes, error(413, f"request body over {self.cfg.max_body_bytes} bytes",
-                                                       code="body_too_large")
+        cap = self.cfg.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            return None, too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                return None, too_big
-            chunks.append(chunk)
+        size = int(declared) if declared.isdigit() else 0
+        chunks = []
+        if size <= cap:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    break
+                chunks.append(chunk)
+        if size > cap:
+            return None, error(413, f"request body over {cap} bytes", code="body_too_large")
         raw = b"".join(chunks)
         try:
             text = raw.decode("utf-8")

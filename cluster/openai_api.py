@@ -52,7 +52,6 @@ class Message(BaseModel):
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256  # per stop sequence: each is matched against the text of every step
 MAX_CHOICES = 64  # prompts x n of one completions request: each is its own decoding
-MAX_TOKEN_ID = 2**31 - 1  # token ids past the tokenizer's vocabulary are refused in the front end
 
 
 class StreamOptions(BaseModel):
@@ -188,7 +187,7 @@ class CompletionRequest(_Common):
         if len(prompts) * self.n > MAX_CHOICES:
             raise ValueError(f"{len(prompts)} prompts x n={self.n} is over {MAX_CHOICES} choices per request")
         for p in prompts:
-            if not isinstance(p, str) and any(t < 0 or t > MAX_TOKEN_ID for t in p):
+            if not isinstance(p, str) and any(t < 0 for t in p):  # past the vocabulary: the front end
                 raise ValueError("prompt token ids must be non-negative")
         return self
 

@@ -329,10 +329,13 @@ async def _propose(p: Proposer, rid: str, history: PairHistory, acked: dict, tre
     tokens, hidden, start = history.since(acked[p.name])
     try:
         out = await p.propose(DraftInput(rid, tokens, hidden, start, tree))
-        acked[p.name] = len(history.tokens)
-        out.check_for(root, tree.total_tokens - 1, tree.depth, vocab)
-    except (ProposerError, ValueError) as e:
-        if isinstance(e, ProposerError) and e.lost:
+        acked[p.name] = len(history.tokens)  # it holds the pairs, whatever it answered
+        try:
+            out.check_for(root, tree.total_tokens - 1, tree.depth, vocab)
+        except ValueError as e:
+            raise ProposerError(p.name, f"tree refused: {e}") from e
+    except ProposerError as e:
+        if e.lost:
             acked[p.name] = 0  # the drafter lost this request: resend everything next time
         if on_error:
             on_error(p.name, e)

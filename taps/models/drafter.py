@@ -161,7 +161,7 @@ class EagleDrafter(nn.Module):
         emb = self.embed_tokens(tokens).to(self.dtype)
         x = self.fc(torch.cat((emb, hidden.to(emb.dtype)), dim=-1))[None]
         cos, sin = self.rotary(positions[None], x.dtype)
-        x = run_layers(self.decoder_layers, getattr(self, "fused", None), x, cos, sin, segments)
+        x = run_layers(self.decoder_layers, self.fused, x, cos, sin, segments)
         for seg in segments:
             seg.cache.length = seg.base + seg.rows
         return x[0, :r]

@@ -374,7 +374,7 @@ class Llama(nn.Module):
                 raise ValueError(f"KV cache overflow: {seg.base} + {seg.rows} > {seg.cache.max_len} slots")
         x = self.embed_tokens(input_ids)[None]
         cos, sin = self.rotary(positions[None], x.dtype)
-        x = run_layers(self.layers, getattr(self, "fused", None), x, cos, sin, segments)
+        x = run_layers(self.layers, self.fused, x, cos, sin, segments)
         for seg in segments:
             seg.cache.length = seg.base + seg.rows
         return self.norm(x)[0, :r]
