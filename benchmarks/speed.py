@@ -418,7 +418,7 @@ def cost_report(args) -> int:
         print("| --- " * (len(sizes) + 1) + "|")
         print("| ms | " + " | ".join(f"{1000 * x:.1f}" for x in curve) + " |")
     drafter_dtypes = ((torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ())
-                      + (("int8-avx2",) if packed_int8_supported() else ()))
+                      + (("int8-avx2", "w8a8-avx2") if packed_int8_supported() else ()))
     for dt in args.cost_engines.split(","):
         v = load_default_verifier(None, dt)
         vt = measure_verifier(v.model, sizes=sizes, repeats=5)
@@ -476,13 +476,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--fast-dtype", default="bfloat16", choices=["bfloat16", "float16", "int8", "int8-avx2"],
+    ap.add_argument("--fast-dtype", default="bfloat16", choices=["bfloat16", "float16", "int8", "int8-avx2", "w8a8-avx2"],
                     help="the verifier dtype of @fast configurations (fast numerics mode)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="per-phase timer breakdown per configuration")
     ap.add_argument("--json", default=None, help="write rows (and profiles) to this file")
     ap.add_argument("--plot", default=None, help="--costs with --json: also draw the cost curves to this PNG")
-    ap.add_argument("--cost-engines", default="float32,bfloat16,int8,int8-avx2",
+    ap.add_argument("--cost-engines", default="float32,bfloat16,int8,int8-avx2,w8a8-avx2",
                     help="--costs: the verifier engines to measure (taps.runtime.ENGINES)")
     ap.add_argument("--costs", action="store_true",
                     help="only print the cost model: verifier forward per tree size and drafting per depth, "

@@ -20,17 +20,19 @@ def _add_model_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
     dflt = (lambda v: None) if serving else (lambda v: v)
     p.add_argument("--verifier", default=None, help="HF Llama dir, .gguf file or hub id (default: shipped SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", "--engine", dest="dtype", default=dflt("float32"),
-                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "auto"],
+                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "w8a8-avx2", "auto"],
                    help="verifier engine. float32: exact mode, token-identical to float32 `none` (the default of "
                         "generate and eval). bfloat16: fast mode, each token still the verifier's argmax in its own "
                         "forward, may differ from float32 `none` at near-ties. int8 / int8-avx2: weight-only int8 "
                         "linears (torch's kernel / this project's AVX2 kernel, taps/kernels), a quantized target model "
-                        "of its own, fast mode. auto (the serving default): whichever of these runs a whole verifier "
+                        "of its own, fast mode. w8a8-avx2: the same int8 weights, each matmul's input rows quantised "
+                        "to int8 too (blocks of 32, as llama.cpp does), integer dot products; fast mode. auto (the serving default): whichever of these runs a whole verifier "
                         "forward fastest here, measured at start-up (float32 unless another wins by 10%%)")
     p.add_argument("--drafter-dtype", default=dflt("auto"),
-                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "auto"],
+                   choices=["float32", "bfloat16", "float16", "int8", "int8-avx2", "w8a8-avx2", "auto"],
                    help="drafter compute dtype; int8: weight-only int8 linears with bf16 activations; int8-avx2: the "
-                        "same weights on this project's AVX2 kernel, float32 activations; auto (default): the fastest "
+                        "same weights on this project's AVX2 kernel, float32 activations; w8a8-avx2: its int8-activation "
+                        "kernel; auto (default): the fastest "
                         "of these for each drafter, timed at start-up; never affects the output")
     p.add_argument("--drafter-dir", default=None, help="folder of drafter checkpoints (default: the shipped drafters/)")
     p.add_argument("--tree-depth", type=int, default=dflt(5), help="draft tree depth (default 5)")

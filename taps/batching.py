@@ -148,8 +148,8 @@ def row_quantum(model: torch.nn.Module, candidates=(1, 2, 4, 8, 16), reference_r
         elif isinstance(m, Int8Linear):  # weight-only int8: bf16 rows in
             key = (m.out_features, m.in_features, "int8")
             weights.setdefault(key, (m.act_dtype, m.qweight.device, m))
-        elif isinstance(m, PackedInt8Linear):  # the AVX2 int8 kernel: float32 rows in
-            key = (m.out_features, m.in_features, "int8-avx2")
+        elif isinstance(m, PackedInt8Linear):  # the AVX2 int8 kernels: float32 rows in
+            key = (m.out_features, m.in_features, "w8a8-avx2" if m.a8 else "int8-avx2")
             weights.setdefault(key, (torch.float32, m.packed.device, m))
         else:
             continue

@@ -14,7 +14,7 @@ from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_dr
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import INT8, INT8_AVX2, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
+from taps.models.drafter import INT8, INT8_AVX2, QUANT_KERNELS, W8A8_AVX2, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
 from taps.models.loading import Verifier, VerifierParts, load_verifier
 from taps.models.quant import int8_supported, packed_int8_supported, quantize_verifier
 from taps.verify import VerifierRunner
@@ -45,17 +45,20 @@ def parse_dtype(name: str) -> torch.dtype:
 # Verifier engines (`--dtype` / `--engine`): dense torch weights in a dtype, or weight-only int8
 # linears (taps.models.quant.quantize_verifier) over a model whose activations, norms, attention and
 # KV cache stay in float32: "int8" runs torch's `_weight_int8pack_mm` (bf16 rows into the matmul),
-# "int8-avx2" this project's AVX2 kernel (taps/kernels, float32 rows). float32 is exact mode; every
-# other engine is fast mode (a quantized engine is a target model of its own: int8-avx2 is identical
-# to its own `none` alone or batched; int8 returns bf16 logits whose ties can flip, docs/api.md).
-ENGINES = ("float32", "bfloat16", "float16", "float64", INT8, INT8_AVX2)
+# "int8-avx2" this project's AVX2 kernel (taps/kernels, float32 rows), "w8a8-avx2" its int8-activation
+# kernel (each matmul's rows quantised to int8 in blocks of 32, integer dot products: llama.cpp's
+# Q8_0 activations). float32 is exact mode; every other engine is fast mode (a quantized engine is a
+# target model of its own: the AVX2 engines are identical to their own `none` alone or batched; int8
+# returns bf16 logits whose ties can flip, docs/api.md).
+ENGINES = ("float32", "bfloat16", "float16", "float64", INT8, INT8_AVX2, W8A8_AVX2)
+AVX2_ENGINES = (INT8_AVX2, W8A8_AVX2)
 INT8_MODEL_DTYPE = torch.float32
 INT8_ACT_DTYPE = torch.bfloat16
 
 
 def engine_dtype(name: str) -> torch.dtype:
     """The dtype of an engine's hidden states (what drafters read), KV cache and logits' input."""
-    return INT8_MODEL_DTYPE if name in (INT8, INT8_AVX2) else parse_dtype(name)
+    return INT8_MODEL_DTYPE if name in QUANT_KERNELS else parse_dtype(name)
 
 
 def numerics_mode(engine: str) -> str:
@@ -88,12 +91,14 @@ def resolve_dtype(name: str, verifier: str | None = None, device: str = "cpu") -
 
 def as_engine(verifier: Verifier, name: str) -> Verifier:
     """`verifier` (loaded in float32) as the engine `name`: its model converted in place."""
-    if name in (INT8, INT8_AVX2):
-        if name == INT8_AVX2 and not packed_int8_supported():
-            raise ConfigError("engine int8-avx2 needs an x86-64 CPU with AVX2 and FMA, g++ and ninja "
+    if name in QUANT_KERNELS:
+        if name in AVX2_ENGINES and not packed_int8_supported():
+            raise ConfigError(f"engine {name} needs an x86-64 CPU with AVX2 and FMA, g++ and ninja "
                               "(see the log for why its kernel did not build); use int8 or float32")
-        quantize_verifier(verifier.model, INT8_ACT_DTYPE, INT8_MODEL_DTYPE,
-                          kernel="avx2" if name == INT8_AVX2 else "torch")
+        try:
+            quantize_verifier(verifier.model, INT8_ACT_DTYPE, INT8_MODEL_DTYPE, kernel=QUANT_KERNELS[name])
+        except ValueError as e:  # a shape the kernel does not take
+            raise ConfigError(f"engine {name}: {e}") from e
     else:
         verifier.model.to(parse_dtype(name))
     verifier.engine = name
@@ -101,10 +106,10 @@ def as_engine(verifier: Verifier, name: str) -> Verifier:
 
 
 def int8_options(device: str | torch.device = "cpu") -> tuple[str, ...]:
-    """The weight-only int8 kernels that run on `device`: int8 where this torch runs its int8 matmul,
-    int8-avx2 (CPU) where taps/kernels builds. Verifier engines and drafter dtypes alike."""
+    """The int8 kernels that run on `device`: int8 where this torch runs its int8 matmul, int8-avx2 and
+    w8a8-avx2 (CPU) where taps/kernels builds. Verifier engines and drafter dtypes alike."""
     return (((INT8,) if int8_supported(device) else ())
-            + ((INT8_AVX2,) if str(device).startswith("cpu") and packed_int8_supported() else ()))
+            + (AVX2_ENGINES if str(device).startswith("cpu") and packed_int8_supported() else ()))
 
 
 def engine_candidates(device: str | torch.device = "cpu") -> tuple[str, ...]:
@@ -186,7 +191,7 @@ def fastest_engine(spec: str | None, device: str = "cpu", candidates: tuple[str,
 def parse_drafter_dtype(name: str | None) -> torch.dtype | str | None:
     """A drafter dtype option: None (the verifier's), "auto" (timed by build_drafter), "int8" (weight-only
     int8 linears, bf16 activations: taps.models.quant) or a dtype."""
-    return name if name in (None, "auto", INT8, INT8_AVX2) else parse_dtype(name)
+    return name if name in (None, "auto", *QUANT_KERNELS) else parse_dtype(name)
 
 
 @dataclass
@@ -219,14 +224,14 @@ def build_drafter(spec: DrafterSpec, verifier: Verifier | VerifierParts, seed: i
     linears with bf16 activations). It never changes the output."""
     if dtype == "auto":
         dtype = fastest_drafter_dtype(spec, verifier, seed=seed, expected_sha256=expected_sha256)
-    quant, dtype = dtype if dtype in (INT8, INT8_AVX2) else None, compute_dtype(dtype)
+    quant, dtype = dtype if dtype in QUANT_KERNELS else None, compute_dtype(dtype)
     if spec.checkpoint is None:
         log.warning("drafter %r has no checkpoint: using a RANDOM-INIT (untrained) drafter", spec.name)
         d = new_drafter(spec.name, verifier, seed=seed)
         d = d.to(dtype) if dtype else d
     else:
         d = load_drafter(spec.checkpoint, verifier, name=spec.name, expected_sha256=expected_sha256, dtype=dtype)
-    return quantize_int8(d, "avx2" if quant == INT8_AVX2 else "torch") if quant else d
+    return quantize_int8(d, QUANT_KERNELS[quant]) if quant else d
 
 
 def _release_freed_memory() -> None:
@@ -294,7 +299,7 @@ def load_default_verifier(spec: str | None, dtype: str = "float32", device: str 
         dtype = resolve_dtype(dtype, spec, device)
     if dtype == "auto":
         return fastest_engine(spec, device, with_tokenizer=with_tokenizer)[0]
-    if dtype in (INT8, INT8_AVX2):
+    if dtype in QUANT_KERNELS:
         return as_engine(load_verifier(spec, dtype=torch.float32, device=device, with_tokenizer=with_tokenizer), dtype)
     v = load_verifier(spec, dtype=parse_dtype(dtype), device=device, with_tokenizer=with_tokenizer)
     v.engine = dtype

@@ -7,7 +7,8 @@
 //
 // Batch invariance: every step is per row (norms, rope, SiLU, the matmul) or per (row, head) over
 // that request's own cache (attention), in a fixed order, so a row's numbers do not depend on which
-// other rows share the call or on the thread count. Softmax and SiLU use one AVX2 exp (exp256),
+// other rows share the call or on the thread count; attention runs over the row's visible keys
+// only, gathered in order, so neither do they depend on the masked keys (a tree's other branches). Softmax and SiLU use one AVX2 exp (exp256),
 // within 2 ulp of expf; the engine is defined by these kernels (a target model of its own).
 
 #include "kernels.h"
@@ -79,18 +80,18 @@ void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin
   }
 }
 
-// q . K[j] for `count` keys (1 to 4) at once: one FMA chain per key over D (a multiple of 8), so a
-// key's score is the same whichever group it is computed in
+// q . K[j] for N keys (1 to 4) at once, key j at k[j]: one FMA chain per key over D (a multiple of 8),
+// so a key's score is the same whichever group it is computed in
 template <int N>
-inline void dots(const float* q, const float* K, int64_t D, float* out) {
+inline void dots(const float* q, const float* const* k, int64_t D, float* out) {
   __m256 s[N];
   const __m256 q0 = _mm256_loadu_ps(q);
   #pragma GCC unroll 16
-  for (int j = 0; j < N; ++j) s[j] = _mm256_mul_ps(q0, _mm256_loadu_ps(K + j * D));
+  for (int j = 0; j < N; ++j) s[j] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[j]));
   for (int64_t i = 8; i < D; i += 8) {
     const __m256 qi = _mm256_loadu_ps(q + i);
     #pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(K + j * D + i), s[j]);
+    for (int j = 0; j < N; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k[j] + i), s[j]);
   }
   #pragma GCC unroll 16
   for (int j = 0; j < N; ++j) out[j] = hsum(s[j]);
@@ -103,57 +104,71 @@ struct Seg {
   const bool* mask;                // [rows, base + rows]
 };
 
-// out[0, 8 NC) = inv * sum_t p[t] V[t, 0, 8 NC): NC registers, one FMA chain each over the keys
+// out[0, 8 NC) = inv * sum_t p[t] V[idx[t], 0, 8 NC): NC registers, one FMA chain each over the keys
 template <int NC>
-inline void weigh(const float* p, const float* V, int64_t n, int64_t D, __m256 inv, float* out) {
+inline void weigh(const float* p, const float* V, const int64_t* idx, int64_t n, int64_t D, __m256 inv, float* out) {
   __m256 o[NC];
   #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) o[c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    if (p[t] == 0.0f) continue;
     const __m256 pt = _mm256_set1_ps(p[t]);
+    const float* v = V + idx[t] * D;
     #pragma GCC unroll 16
-    for (int c = 0; c < NC; ++c) o[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(V + t * D + c * 8), o[c]);
+    for (int c = 0; c < NC; ++c) o[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + c * 8), o[c]);
   }
   #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + c * 8, _mm256_mul_ps(o[c], inv));
 }
 
-// softmax(q K^T / sqrt(D)) V for one query row and head over keys [0, n) of one kv head where mask;
-// D a multiple of 16
+// softmax(q K^T / sqrt(D)) V for one query row and head over the keys j < n of one kv head where
+// mask[j]; D a multiple of 16. The visible keys are gathered first (idx) and everything after runs
+// over that list in order, so the result depends only on the visible keys' values and order, not
+// on where they sit in the cache or how many masked keys lie between them: a tree node's row equals
+// the row of the same token decoded alone after its ancestors (the lossless guarantee across batch
+// shapes). `scores` and `idx` are scratch of n entries.
 void attend(const float* q, const float* K, const float* V, const bool* mask, int64_t n, int64_t D,
-            float scale, float* scores, float* out) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) dots<4>(q, K + j * D, D, scores + j);
-  for (; j < n; ++j) dots<1>(q, K + j * D, D, scores + j);
-  float m = kNegInf;
-  for (j = 0; j < n; ++j) {
-    scores[j] = mask[j] ? scores[j] * scale : kNegInf;
-    m = std::max(m, scores[j]);
+            float scale, float* scores, int64_t* idx, float* out) {
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if (mask[j]) idx[m++] = j;
+  if (m == 0) {
+    std::fill_n(out, D, 0.0f);
+    return;
   }
-  const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(kNegInf);
+  int64_t t = 0;
+  for (; t + 4 <= m; t += 4) {
+    const float* k[4] = {K + idx[t] * D, K + idx[t + 1] * D, K + idx[t + 2] * D, K + idx[t + 3] * D};
+    dots<4>(q, k, D, scores + t);
+  }
+  for (; t < m; ++t) {
+    const float* k[1] = {K + idx[t] * D};
+    dots<1>(q, k, D, scores + t);
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (t = 0; t < m; ++t) {
+    scores[t] *= scale;
+    mx = std::max(mx, scores[t]);
+  }
+  const __m256 mv = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= n; j += 8) {
-    const __m256 s = _mm256_loadu_ps(scores + j);
-    const __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(s, mv)), _mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ));
-    _mm256_storeu_ps(scores + j, p);
+  for (t = 0; t + 8 <= m; t += 8) {
+    const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), mv));
+    _mm256_storeu_ps(scores + t, p);
     acc = _mm256_add_ps(acc, p);
   }
   float sum = hsum(acc);
-  for (; j < n; ++j) {  // the tail through the same exp, one lane
-    const float s = scores[j];
-    const float p = s == kNegInf ? 0.0f : _mm256_cvtss_f32(exp256(_mm256_set1_ps(s - m)));
-    scores[j] = p;
+  for (; t < m; ++t) {  // the tail through the same exp, one lane
+    const float p = _mm256_cvtss_f32(exp256(_mm256_set1_ps(scores[t] - mx)));
+    scores[t] = p;
     sum += p;
   }
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
   for (int64_t i0 = 0; i0 < D; i0 += 64) {
     switch (std::min<int64_t>(64, D - i0) / 8) {
-      case 2: weigh<2>(scores, V + i0, n, D, inv, out + i0); break;
-      case 4: weigh<4>(scores, V + i0, n, D, inv, out + i0); break;
-      case 6: weigh<6>(scores, V + i0, n, D, inv, out + i0); break;
-      default: weigh<8>(scores, V + i0, n, D, inv, out + i0); break;
+      case 2: weigh<2>(scores, V + i0, idx, m, D, inv, out + i0); break;
+      case 4: weigh<4>(scores, V + i0, idx, m, D, inv, out + i0); break;
+      case 6: weigh<6>(scores, V + i0, idx, m, D, inv, out + i0); break;
+      default: weigh<8>(scores, V + i0, idx, m, D, inv, out + i0); break;
     }
   }
 }
@@ -162,15 +177,23 @@ struct Linear {
   const int8_t* w;
   const float* s;
   int64_t NB, K;
+  bool a8;
+
+  // y [R, NB * 8] (row stride ldy) = x [R, K] (row stride ldx) times the weights
+  void operator()(const float* x, int64_t ldx, int64_t R, float* y, int64_t ldy) const {
+    (a8 ? w8a8_matmul : int8_matmul)(x, ldx, R, K, w, s, NB, y, ldy);
+  }
 };
 
 Linear linear(const torch::Tensor& packed, const torch::Tensor& scale, int64_t out, int64_t in, const char* name) {
+  const bool a8 = packed.dim() == 3 && packed.size(2) == 4 * kBlock;
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
-                  packed.size(0) * kBlock == out && packed.size(1) == in && packed.size(2) == kBlock,
-              "Decoder: ", name, " must be packed int8 [", out / kBlock, ", ", in, ", 8]");
+                  packed.size(0) * kBlock == out && packed.size(1) * (a8 ? 4 : 1) == in,
+              "Decoder: ", name, " must be packed int8 [", out / kBlock, ", ", in, ", 8] or [", out / kBlock, ", ",
+              in / 4, ", 32]");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == out,
               "Decoder: ", name, " scales must be float32 [", out, "]");
-  return {packed.data_ptr<int8_t>(), scale.data_ptr<float>(), packed.size(0), in};
+  return {packed.data_ptr<int8_t>(), scale.data_ptr<float>(), packed.size(0), in, a8};
 }
 
 }  // namespace
@@ -187,7 +210,7 @@ class Decoder {
     TORCH_CHECK(D % 16 == 0 && nh % nkv == 0, "Decoder: head dim must be a multiple of 16, heads of kv heads");
     H_ = weights_[0][0].numel();
     TORCH_CHECK(H_ % 8 == 0, "Decoder: hidden size must be a multiple of 8");
-    I_ = weights_[0][6].size(0) * kBlock / 2;
+    I_ = weights_[0][6].size(0) * kBlock / 2;  // (gate_up: 2 * I output channels in either layout)
     TORCH_CHECK(I_ % 8 == 0, "Decoder: intermediate size must be a multiple of 8");
     for (auto& l : weights_) {
       for (int i : {0, 5})
@@ -254,7 +277,7 @@ class Decoder {
     for (int64_t l = 0; l < L; ++l) {
       const Layer& w = layers_[l];
       rms_norm(xp, R, H_, w.ln1, eps_, xn);
-      int8_matmul(xn, H_, R, H_, w.qkv.w, w.qkv.s, w.qkv.NB, qkv, QKV);
+      w.qkv(xn, H_, R, qkv, QKV);
       std::vector<Seg> segs(n);
       for (size_t i = 0; i < n; ++i) {
         const int64_t S = k[i].size(-2);
@@ -275,19 +298,20 @@ class Decoder {
       const int64_t items = static_cast<int64_t>(work.size());
       at::parallel_for(0, items, std::max<int64_t>(1, 16384 / (max_keys * D)), [&](int64_t a, int64_t b) {
         std::vector<float> scores(max_keys);
+        std::vector<int64_t> idx(max_keys);
         for (int64_t it = a; it < b; ++it) {
           const int64_t r = work[it] / nh_, h = work[it] % nh_;
           const Seg& s = segs[seg_of[r]];
           const int64_t t = r - s.row, keys = s.base + s.rows, kv = h / g;
           attend(qkv + r * QKV + h * D, s.k + kv * s.slots * D, s.v + kv * s.slots * D, s.mask + t * keys, keys, D,
-                 scale, scores.data(), att + r * nh_ * D + h * D);
+                 scale, scores.data(), idx.data(), att + r * nh_ * D + h * D);
         }
       });
-      int8_matmul(att, nh_ * D, R, nh_ * D, w.o.w, w.o.s, w.o.NB, tmp, H_);
+      w.o(att, nh_ * D, R, tmp, H_);
       for (int64_t i = 0; i < R * H_; i += 8)
         _mm256_storeu_ps(xp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(tmp + i)));
       rms_norm(xp, R, H_, w.ln2, eps_, xn);
-      int8_matmul(xn, H_, R, H_, w.gu.w, w.gu.s, w.gu.NB, gu, 2 * I_);
+      w.gu(xn, H_, R, gu, 2 * I_);
       for (int64_t r = 0; r < R; ++r) {  // silu(gate) * up
         const float* gr = gu + r * 2 * I_;
         for (int64_t i = 0; i < I_; i += 8) {
@@ -297,7 +321,7 @@ class Decoder {
           _mm256_storeu_ps(act + r * I_ + i, _mm256_mul_ps(sg, _mm256_loadu_ps(gr + I_ + i)));
         }
       }
-      int8_matmul(act, I_, R, I_, w.down.w, w.down.s, w.down.NB, tmp, H_);
+      w.down(act, I_, R, tmp, H_);
       for (int64_t i = 0; i < R * H_; i += 8)
         _mm256_storeu_ps(xp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(tmp + i)));
     }
@@ -322,6 +346,9 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &taps::pack, "int8 [N, K] -> [N/8, K, 8]");
   m.def("mm", &taps::mm, "float32 [R, K] x packed int8 weights -> float32 [R, N]");
+  m.def("pack_w8a8", &taps::pack_w8a8, "int8 [N, K] -> [N/8, K/4, 32]");
+  m.def("mm_w8a8", &taps::mm_w8a8, "float32 [R, K] (quantised to int8 per 32 values) x packed int8 weights -> "
+        "float32 [R, N]");
   pybind11::class_<taps::Decoder>(m, "Decoder")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double>())
       .def_property_readonly("num_layers", &taps::Decoder::num_layers)

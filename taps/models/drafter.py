@@ -178,28 +178,31 @@ class EagleDrafter(nn.Module):
 
 INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations and KV cache (taps.models.quant)
 INT8_AVX2 = "int8-avx2"  # the same int8 weights run by taps/kernels' AVX2 kernel, float32 activations and KV cache
+W8A8_AVX2 = "w8a8-avx2"  # ... by its int8-activation kernel: rows quantised to int8 into each matmul, float32 between
+QUANT_KERNELS = {INT8: "torch", INT8_AVX2: "avx2", W8A8_AVX2: "w8a8"}  # int8 option -> taps.models.quant kernel
 
 
 def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """The activation dtype of a drafter dtype option (INT8 computes in bf16, INT8_AVX2 in float32;
-    None stays None)."""
-    return torch.bfloat16 if dtype == INT8 else torch.float32 if dtype == INT8_AVX2 else dtype
+    """The activation dtype of a drafter dtype option (INT8 computes in bf16, the AVX2 kernels in
+    float32; None stays None)."""
+    return torch.bfloat16 if dtype == INT8 else torch.float32 if dtype in (INT8_AVX2, W8A8_AVX2) else dtype
 
 
 def quantize_int8(drafter: EagleDrafter, kernel: str = "torch") -> EagleDrafter:
     """In place, for serving: fc, the decoder layers' seven projections and the drafter's own draft head
     become weight-only int8 (taps.models.quant). kernel "torch": torch's int8 matmul, norms,
-    activations and the KV cache in bf16; "avx2": taps/kernels' AVX2 kernel, all of them in float32.
+    activations and the KV cache in bf16; "avx2" / "w8a8": taps/kernels' AVX2 kernels, all of them in
+    float32 (w8a8 quantises each matmul's input rows to int8).
     A full-vocabulary drafter keeps the verifier's (shared) lm_head as it is."""
-    from taps.models.quant import quantize_linears
+    from taps.models.quant import PACKED, quantize_linears
 
     layers = ["layer"] + [f"extra_layers.{i}" for i in range(len(drafter.extra_layers))]
     names = ["fc"] + [f"{layer}.{part}" for layer in layers for part in
                       [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
     names += ["lm_head"] if drafter.lm_head is not None else []
-    drafter.to(torch.float32 if kernel == "avx2" else torch.bfloat16)
+    drafter.to(torch.float32 if kernel in PACKED else torch.bfloat16)
     quantize_linears(drafter, names, torch.bfloat16, kernel)
-    if kernel == "avx2":
+    if kernel in PACKED:
         from taps.models.quant import fused_decoder
 
         drafter.fused = fused_decoder(drafter.decoder_layers, drafter.config.llama)

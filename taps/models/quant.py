@@ -63,30 +63,37 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PackedInt8Linear(nn.Module):
-    """The same per-channel int8 weights as Int8Linear, run by this project's AVX2 kernel
-    (taps/kernels/int8_gemm.cpp): float32 rows in, float32 sums, weights packed [out/8, in, 8] and
-    read from memory once per call whatever the row count; each row's result is bit-identical
-    alone or batched. Build with `packed_int8_supported()` true."""
+    """The same per-channel int8 weights as Int8Linear, run by this project's AVX2 kernels: float32
+    rows in, float32 out, weights read from memory once per call whatever the row count; each row's
+    result is bit-identical alone or batched. Build with `packed_int8_supported()` true.
 
-    def __init__(self, linear: nn.Linear):
+    a8 False (taps/kernels/int8_gemm.cpp): float32 activations, weights packed [out/8, in, 8].
+    a8 True (w8a8_gemm.cpp): the rows are quantised to int8 in blocks of 32 values (llama.cpp's Q8_0
+    activations) and multiplied by integer dot products, weights packed [out/8, in/4, 32]: about twice
+    as fast at one row on an AVX2 core (docs/performance.md); `in` must be a multiple of 32."""
+
+    def __init__(self, linear: nn.Linear, a8: bool = False):
         super().__init__()
         from taps.kernels import cpu_kernels
 
         self._kernel = cpu_kernels()
+        self.in_features, self.out_features, self.a8 = linear.in_features, linear.out_features, a8
+        if a8 and self.in_features % 32:
+            raise ValueError(f"the w8a8 kernel takes input widths that are multiples of 32, not {self.in_features}")
         q, scale = per_channel_int8(linear.weight)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.act_dtype = torch.float32
         pad = -self.out_features % 8  # the kernel packs blocks of 8 output channels: zero rows, sliced off
         if pad:
             q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
             scale = torch.cat([scale, scale.new_ones(pad)])
-        self.register_buffer("packed", self._kernel.pack(q))
+        self.register_buffer("packed", (self._kernel.pack_w8a8 if a8 else self._kernel.pack)(q))
         self.register_buffer("scales", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._kernel.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales)
+        mm = self._kernel.mm_w8a8 if self.a8 else self._kernel.mm
+        y = mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales)
         if y.shape[1] != self.out_features:
             y = y[:, :self.out_features]
         y = y.reshape(*lead, self.out_features)
@@ -96,7 +103,9 @@ class PackedInt8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantised weight, float32 [out, in] (built on each access, for readers only)."""
-        q = self.packed.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
+        p = self.packed
+        q = (p.view(p.shape[0], -1, 8, 4).permute(0, 2, 1, 3) if self.a8 else p.transpose(1, 2))
+        q = q.reshape(-1, self.in_features)[:self.out_features]
         return q.float() * self.scales[:self.out_features, None]
 
     def _apply(self, fn, recurse=True):  # .to(dtype) must not touch the kernel's float32 scales
@@ -104,6 +113,10 @@ class PackedInt8Linear(nn.Module):
         super()._apply(fn, recurse)
         self.packed, self.scales, self.bias = packed, scales, bias
         return self
+
+
+KERNELS = ("torch", "avx2", "w8a8")  # int8 kernels: torch's weight-only matmul, and taps/kernels' two
+PACKED = ("avx2", "w8a8")  # the kernels of PackedInt8Linear (fused decoder stack available)
 
 
 def packed_int8_supported() -> bool:
@@ -116,16 +129,17 @@ def packed_int8_supported() -> bool:
 def quantize_linears(module: nn.Module, names: list[str], act_dtype: torch.dtype = torch.bfloat16,
                      kernel: str = "torch") -> nn.Module:
     """Replace the nn.Linear submodules at dotted `names`, in place: by Int8Linear (kernel "torch",
-    `act_dtype` rows) or PackedInt8Linear (kernel "avx2", float32 rows)."""
-    if kernel not in ("torch", "avx2"):
-        raise ValueError(f"unknown int8 kernel {kernel!r}; use torch or avx2")
+    `act_dtype` rows) or PackedInt8Linear (kernel "avx2": float32 rows; "w8a8": rows quantised to int8)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; use one of {', '.join(KERNELS)}")
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         lin = getattr(parent, attr)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear")
-        setattr(parent, attr, Int8Linear(lin, act_dtype) if kernel == "torch" else PackedInt8Linear(lin))
+        setattr(parent, attr, Int8Linear(lin, act_dtype) if kernel == "torch"
+                else PackedInt8Linear(lin, a8=kernel == "w8a8"))
     return module
 
 
@@ -160,11 +174,12 @@ def quantize_verifier(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16,
     lm_head gets its own int8 copy; the embedding table stays a lookup.
 
     kernel "torch": Int8Linear (torch's `_weight_int8pack_mm`, `act_dtype` rows); "avx2":
-    PackedInt8Linear (taps/kernels/int8_gemm.cpp, float32 rows). Either is a target model of its own,
+    PackedInt8Linear (taps/kernels/int8_gemm.cpp, float32 rows); "w8a8": PackedInt8Linear with rows
+    quantised to int8 in blocks of 32 (w8a8_gemm.cpp). Each is a target model of its own,
     different from the float32 verifier; batching never changes its output where
     taps.batching.row_quantum finds its kernel row-invariant (the AVX2 kernel is by construction).
-    `fuse` (AVX2 kernel): q/k/v and gate/up as one matmul each (fuse_projections), same bits."""
-    if kernel == "avx2" and fuse:  # (the torch-kernel engine stays unfused: the fused variant was not measured)
+    `fuse` (AVX2 kernels): q/k/v and gate/up as one matmul each (fuse_projections), same bits."""
+    if kernel in PACKED and fuse:  # (the torch-kernel engine stays unfused: the fused variant was not measured)
         fuse_projections(model)
     quantize_linears(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)], act_dtype, kernel)
     model.to(model_dtype or act_dtype)
@@ -172,7 +187,7 @@ def quantize_verifier(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16,
         if isinstance(m, Int8Linear):
             m.scales = m.scales.to(act_dtype)
             m.bias = None if m.bias is None else m.bias.to(act_dtype)
-    if kernel == "avx2":
+    if kernel in PACKED:
         model.fused = fused_decoder(model.layers, model.config)
     return model
 

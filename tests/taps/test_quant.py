@@ -97,7 +97,7 @@ def test_row_quantum_probes_int8_linears():
     assert torch.equal(lin(x[:q]), lin(x)[:q])  # the chosen quantum is batch-invariant for int8 too
 
 
-@pytest.mark.parametrize("kernel", ["torch", "avx2"])
+@pytest.mark.parametrize("kernel", ["torch", "avx2", "w8a8"])
 def test_int8_verifier_engine_is_lossless_against_its_own_none_alone_and_batched(kernel):
     """The int8 engine (every linear weight-only int8, quantize_verifier) is a target model of its own:
     merged and single trees emit exactly its own `none` tokens, alone and batched with other requests;
@@ -112,7 +112,7 @@ def test_int8_verifier_engine_is_lossless_against_its_own_none_alone_and_batched
     from taps.verify import VerifierRunner
     from tests.support import random_drafter
 
-    if kernel == "avx2" and not packed_int8_supported():
+    if kernel != "torch" and not packed_int8_supported():
         pytest.skip("no AVX2 kernel here")
     model, _ = _tiny()
     q = quantize_verifier(copy.deepcopy(model), torch.bfloat16, torch.float32, kernel=kernel)
