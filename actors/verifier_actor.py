@@ -26,7 +26,7 @@ from taps.compose import Strategy
 from taps.config import OutputOptions, SamplingConfig, TreeConfig
 from taps.loop import Emitted, Finished, LocalVerifier, decode
 from taps.runtime import load_default_verifier
-from taps.scheduler import BatchingVerifier
+from taps.scheduler import BatchingVerifier, ThreadTuner
 from taps.text import TextStream
 from taps.verify import VerifierRunner
 
@@ -55,17 +55,22 @@ class VerifierActor:
     def __init__(self, verifier: str | None = None, dtype: str = "float32", max_len: int = 2048,
                  device: str | None = None, threads: int = 0, max_batch_rows: int = 1024):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction). On CPU the verifier,
-        # the one compute-bound actor, gets every core but one unless told otherwise: the router,
-        # the HTTP proxy and the drafters need the last one (2 cores, 1 stream: 110 ms per step
-        # with 1 verifier thread, 130 ms with 2 threads competing with them; docs/performance.md)
-        if threads or device == "cpu":
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction). `threads` > 0 fixes the
+        # count; on CPU by default each tick runs on every core or every core but one, whichever has
+        # been faster lately (taps.scheduler.ThreadTuner: the drafters, the front end and the HTTP
+        # proxy share the cores, and what they cost the verifier depends on the load)
+        cores = os.cpu_count() or 1
+        tuner = None
+        if threads:
+            torch.set_num_threads(threads)
+        elif device == "cpu":
+            torch.set_num_threads(cores)
+            tuner = ThreadTuner({max(1, cores - 1), cores}) if cores > 1 else None
         # the engine (a dtype or int8); `auto`: whole forwards timed here, on the verifier's machine
         self.verifier = load_default_verifier(verifier, dtype, device, with_tokenizer=False)
         self.dtype = self.verifier.engine
         self.runner = VerifierRunner(self.verifier.model, max_len=max_len)
-        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows)
+        self.scheduler = BatchingVerifier(self.runner, max_rows=max_batch_rows, threads=tuner)
         self._tokenizer = None  # loaded on the first generate (prefill / verify callers do not need it)
         self._eos: frozenset[int] = frozenset()
         self._pool = None  # gRPC clients to the drafters, one per address (bound to this actor's loop)
@@ -77,6 +82,8 @@ class VerifierActor:
                 "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "identity": self.verifier.identity,
                 "active_requests": self.runner.active_requests, "device": str(self.runner.device), "dtype": self.dtype,
                 "torch_threads": torch.get_num_threads(),
+                "thread_tuner": self.scheduler.threads.summary() if self.scheduler.threads else None,
+                "thread_tuner_options": self.scheduler.threads.options if self.scheduler.threads else None,
                 "row_quantum": self.runner.pad_to, "ticks": self.scheduler.ticks,
                 "max_batch": self.scheduler.max_batch, "load": self.scheduler.load().to_dict()}
 

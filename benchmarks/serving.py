@@ -193,7 +193,8 @@ def bare_inprocess(args, refs_all: dict) -> dict:
     """The 1-stream solo pass of --bare in this process: the same prompts, the same verifier engine as
     the server reported in /v1/models, the same code path (the loop, the default strategy over math
     and chat with an online policy, drafters at --drafter-dtype auto), torch threads as the verifier
-    actor's (1 on 2 cores), no Ray, HTTP or gRPC."""
+    actor mostly runs (every core: its ThreadTuner picks all cores or all but one per tick), no Ray,
+    HTTP or gRPC."""
     import torch
 
     from taps.adaptive import online_policy
@@ -201,7 +202,7 @@ def bare_inprocess(args, refs_all: dict) -> dict:
     from taps.config import SamplingConfig, TreeConfig
     from taps.runtime import build_engine, load_default_verifier, parse_drafter_dtype
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(os.cpu_count() or 1)
     verifier = load_default_verifier(None, args.served_engine)  # the engine the server runs, same numerics
     engine, _ = build_engine(verifier, ["math", "chat"], TreeConfig(), drafter_dtype=parse_drafter_dtype("auto"))
     merged = parse_strategy("merged", ["chat", "math"])

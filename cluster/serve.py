@@ -182,8 +182,11 @@ def defaults_line(cfg, info: dict) -> str:
         tree = f"tree fixed (depth {t.depth}, top-k {t.top_k}, {t.total_tokens} nodes per drafter every step)"
     strategy = cfg.strategy if cfg.strategy == "none" or cfg.strategy.startswith("single:") else \
         f"{cfg.strategy} over {', '.join(drafters) or 'every ready drafter'}"
+    tuner = info.get("thread_tuner_options")
+    threads = (f"{' or '.join(map(str, tuner))} threads per tick, whichever measures faster" if tuner
+               else f"{info.get('torch_threads', '?')} threads")
     return (f"default for requests without a `taps` field: {strategy}; {tree}; numerics: "
-            f"{numerics_mode(dtype)} ({dtype} verifier engine, {info.get('torch_threads', '?')} threads)")
+            f"{numerics_mode(dtype)} ({dtype} verifier engine, {threads})")
 
 
 def _last_line(e: BaseException) -> str:

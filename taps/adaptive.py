@@ -103,8 +103,8 @@ class _Arm:
     steps: int = 0
     tokens: float = 0.0  # tokens emitted per step, summed
     timed: int = 0  # online policies: steps whose wall time was observed
-    seconds: float = 0.0  # ... and their wall time, summed
-    drafted: float = 0.0  # ... and their drafting time, summed
+    seconds: float = 0.0  # ... and their wall time, summed (after the first)
+    drafted: float = 0.0  # ... and their drafting time, summed (after the first)
 
     def mean_tokens(self) -> float:
         return self.tokens / self.steps if self.steps else 1.0
@@ -200,11 +200,17 @@ class TreePolicy:
                     a.steps += 1
                     a.tokens += emitted
                     if self.online and seconds is not None and seconds > 0:
+                        # an arm's first step is its cost until a second one comes; then it is left
+                        # out: it pays the cold start (a drafter's first gRPC call and forward, its
+                        # caches) that made one 1-node draft look 4x a verifier step in serving
                         a.timed += 1
-                        a.seconds += seconds
-                        a.drafted += draft_s or 0.0
-                        a.cost_s = a.seconds / a.timed
-                        a.draft_s = a.drafted / a.timed
+                        if a.timed == 1:
+                            a.cost_s, a.draft_s = seconds, draft_s or 0.0
+                        else:
+                            a.seconds += seconds
+                            a.drafted += draft_s or 0.0
+                            a.cost_s = a.seconds / (a.timed - 1)
+                            a.draft_s = a.drafted / (a.timed - 1)
                     return
 
     def best(self, load=None) -> TreeConfig:
@@ -219,7 +225,8 @@ class TreePolicy:
             big = max(trees, key=lambda c: c.total_tokens) if trees else None
             rows.append({"arm": arm_label(a.config), "depth": big.depth if big else 0,
                          "top_k": big.top_k if big else 0, "total_tokens": big.total_tokens if big else 1,
-                         "cost_ms": round(a.cost_s * 1000, 2), "steps": a.steps,
+                         "cost_ms": round(a.cost_s * 1000, 2), "draft_ms": round(a.draft_s * 1000, 2),
+                         "steps": a.steps,
                          "tokens_per_step": round(a.mean_tokens(), 3),
                          "tokens_per_s": round(a.mean_tokens() / a.cost_s, 1)})
         return rows
@@ -323,8 +330,9 @@ def online_policy(strategy, **policy_kw) -> TreePolicy:
     cands = auto_candidates(strategy)
     n, merged = len(strategy.drafters), strategy.kind == "merged"
     nodes = {c: verified_size(c, n, merged) for c in cands}
-    # one warm-up step per arm: under load every exploratory big tree costs other streams tokens
-    policy_kw.setdefault("warmup", 1)
+    # two warm-up steps per arm (the first is a cold start, left out of the cost once the second
+    # comes): under load every exploratory big tree costs other streams tokens, so no more
+    policy_kw.setdefault("warmup", 2)
     return TreePolicy({c: 1e-3 * nodes[c] for c in cands}, online=True, nodes=nodes, **policy_kw)
 
 

@@ -293,6 +293,10 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             history.add(*state.drafter_inputs())
             plan = dict(zip(strategy.drafters, plan_trees(arm, len(strategy.drafters))))
             calls = [n for n in strategy.drafters if n in proposers and plan[n] is not None]
+            # a step whose drafters first catch up (the prompt, or the steps they sat out) costs what
+            # having skipped cost, not what its arm costs: the policy times only caught-up steps (a
+            # drafting step after SKIP steps took 20 ms of catch-up over gRPC, whatever its tree)
+            steady = all(0 < acked[n] == len(history.tokens) - 1 for n in calls)
             trees = await asyncio.gather(*(_propose(proposers[n], rid, history, acked, plan[n], failed,
                                                     state.root, vocab) for n in calls))
             chosen = state.choose([t for t in trees if t is not None])
@@ -301,7 +305,8 @@ async def decode(verifier: Verifier, proposers: dict[str, Proposer], prompt_ids:
             t3 = time.perf_counter()
             kept = emitted(state.observe(result, t2 - t1, t3 - t2))
             if policy:
-                policy.observe(arm, len(result.tokens), seconds=t3 - t1, draft_s=t2 - t1, request=arms)
+                policy.observe(arm, len(result.tokens), seconds=t3 - t1 if steady else None, draft_s=t2 - t1,
+                               request=arms)
             if kept:
                 yield kept
     finally:

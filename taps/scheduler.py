@@ -16,6 +16,11 @@ Gathering: after a tick, the ticker waits (at most half the last tick's time) un
 the verifier holds has its next job waiting; then streams stay in step and share ticks instead of
 alternating (each one's call arriving while the other's tick runs).
 
+Threads (`ThreadTuner`, CPU): how many torch threads a tick gets is measured, not assumed. The
+verifier shares its cores with the drafters, the front end and the HTTP proxy; whether a second
+thread helps a tick or stalls at its barriers behind a busy neighbour depends on the load. Each tick
+runs under one of the candidate counts, mostly the one whose ticks have been fastest lately.
+
 `Load` is what the tree policies see (taps.adaptive): how many requests share a tick and what a
 tick costs (`c0 + c1 * rows`, from a start-up measurement scaled by the ticks observed since).
 """
@@ -23,8 +28,11 @@ tick costs (`c0 + c1 * rows`, from a start-up measurement scaled by the ticks ob
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass
+
+import torch
 
 from taps.models.llama import padded
 from taps.verify import PrefillJob, VerifierRunner, VerifyJob
@@ -70,9 +78,77 @@ class LoadMeter:
         return Load(self.requests, self.c0 * self.scale, self.c1 * self.scale, quantum)
 
 
-def fit_tick_cost(runner: VerifierRunner, sizes=(16, 32, 64), repeats: int = 2) -> tuple[float, float]:
-    """(c0, c1): least-squares line through one-request forward times at a few row counts (multiples
-    of every row quantum, so the line is through padded rows)."""
+class ThreadTuner:
+    """The torch thread count for each tick, learnt from the ticks themselves: per size class of the
+    tick (1 row, 2-4, 5-16, 17-64, more), the count whose recent ticks ran fastest against the cost
+    line's prediction (the median of the last `window` ratios, so ticks of different sizes within a
+    class compare fairly and one preempted tick does not decide). A count is measured in runs of
+    `run` ticks, and the first `settle` ticks after a switch are not scored: threads that slept
+    while the other count served are slow to wake, and would make a rarely tried count look worse
+    than it is. Every count is measured first; then the best serves, with `explore` of the
+    decisions starting a run of another (about 4% of ticks) so that a change in load is noticed."""
+
+    BOUNDS = (1, 4, 16, 64)
+    LABELS = ("1", "2-4", "5-16", "17-64", ">64")
+
+    def __init__(self, options, explore: float = 0.005, run: int = 8, settle: int = 2, window: int = 15,
+                 seed: int = 0):
+        self.options = sorted({int(n) for n in options if int(n) >= 1})
+        if not self.options:
+            raise ValueError("ThreadTuner needs at least one thread count")
+        self.explore, self.run, self.settle, self.window = explore, run, settle, window
+        self.ratios: dict[tuple[int, int], list[float]] = {}  # (size class, threads) -> recent ratios
+        self.ticks: dict[tuple[int, int], int] = {}  # scored ticks
+        self.current, self._left, self._since_switch = self.options[-1], 0, settle
+        self._rng = random.Random(seed)
+
+    def size_class(self, rows: int) -> int:
+        return sum(rows > b for b in self.BOUNDS)
+
+    def score(self, c: int, n: int) -> float:
+        r = sorted(self.ratios[(c, n)])
+        return r[len(r) // 2]
+
+    def choose(self, rows: int) -> int:
+        if self._left > 0:
+            self._left -= 1
+            return self.current
+        c = self.size_class(rows)
+        fresh = [n for n in self.options if self.ticks.get((c, n), 0) < 3]
+        if fresh:
+            target = self.current if self.current in fresh else min(fresh, key=lambda n: self.ticks.get((c, n), 0))
+            run = self.run
+        else:
+            target, run = min(self.options, key=lambda n: self.score(c, n)), 1
+            if len(self.options) > 1 and self._rng.random() < self.explore:
+                target, run = self._rng.choice([n for n in self.options if n != target]), self.run
+        if target != self.current:
+            self.current, self._since_switch = target, 0
+        self._left = run - 1
+        return self.current
+
+    def observe(self, rows: int, threads: int, ratio: float) -> None:
+        """`ratio`: the tick's seconds over what the cost line predicts for its rows."""
+        self._since_switch += 1
+        if self._since_switch <= self.settle:
+            return
+        key = (self.size_class(rows), threads)
+        self.ticks[key] = self.ticks.get(key, 0) + 1
+        self.ratios[key] = (self.ratios.get(key, []) + [ratio])[-self.window:]
+
+    def summary(self) -> dict:
+        """{size class: {threads: [scored ticks, median ratio]}} (ratio: tick seconds / predicted)."""
+        out: dict = {}
+        for (c, n), t in sorted(self.ticks.items()):
+            out.setdefault(self.LABELS[c], {})[n] = [t, round(self.score(c, n), 3)]
+        return out
+
+
+def fit_tick_cost(runner: VerifierRunner, sizes=(1, 2, 4, 8, 16), repeats: int = 3) -> tuple[float, float]:
+    """(c0, c1): least-squares line through one-request forward times at the row counts draft trees
+    have (1 to 16). Fitted at 16-64 rows instead, a quantized engine's line ran through zero (its
+    small forwards are bound by reading the weights, not by rows), and a tick of 2 rows looked twice
+    the price of 1: the tree policies never drafted."""
     from taps.costmodel import measure_verifier
 
     table = measure_verifier(runner.model, sizes=sizes, repeats=repeats, prefix=32)
@@ -84,12 +160,17 @@ def fit_tick_cost(runner: VerifierRunner, sizes=(16, 32, 64), repeats: int = 2) 
     return max(1e-6, my - c1 * mx), c1
 
 
+def job_rows(job: PrefillJob | VerifyJob) -> int:
+    return len(job.prompt_ids) if isinstance(job, PrefillJob) else job.tree.size
+
+
 class BatchingVerifier:
     """Gathers concurrent jobs into ticks over one VerifierRunner (see the module docstring)."""
 
     def __init__(self, runner: VerifierRunner, max_rows: int = 1024, cost: tuple[float, float] | None = None,
-                 gather_frac: float = 0.5):
+                 gather_frac: float = 0.5, threads: ThreadTuner | None = None):
         self.runner = runner
+        self.threads = threads  # None: ticks run under the process's torch thread count
         self.max_rows = max_rows
         self.meter = LoadMeter(*(cost or fit_tick_cost(runner)))
         self._pending: list[tuple[PrefillJob | VerifyJob, asyncio.Future]] = []
@@ -121,7 +202,7 @@ class BatchingVerifier:
         """Jobs for the next tick: oldest first, up to max_rows rows (always at least one job)."""
         batch, rows, rest, seen = [], 0, [], set()
         for job, fut in self._pending:
-            n = len(job.prompt_ids) if isinstance(job, PrefillJob) else job.tree.size
+            n = job_rows(job)
             if fut.done() or (batch and (rows + n > self.max_rows or job.request_id in seen)):
                 if not fut.done():
                     rest.append((job, fut))
@@ -176,6 +257,11 @@ class BatchingVerifier:
                 if not batch:
                     continue
                 jobs = [j for j, _ in batch]
+                n_threads = None
+                if self.threads is not None:
+                    n_threads = self.threads.choose(sum(job_rows(j) for j in jobs))
+                    if n_threads != torch.get_num_threads():
+                        torch.set_num_threads(n_threads)
                 t0 = time.perf_counter()
                 try:
                     results = self.runner.step(jobs)
@@ -184,7 +270,10 @@ class BatchingVerifier:
                 tick = self.runner.last_tick
                 self._last_tick_s = time.perf_counter() - t0
                 if tick is not None:
-                    self.meter.observe(tick.requests, padded(tick.rows, self.runner.pad_to), self._last_tick_s)
+                    rows = padded(tick.rows, self.runner.pad_to)
+                    if n_threads is not None:  # against the start-up cost line (fixed, whatever the threads)
+                        self.threads.observe(tick.rows, n_threads, self._last_tick_s / (self.meter.c0 + self.meter.c1 * rows))
+                    self.meter.observe(tick.requests, rows, self._last_tick_s)
                 self.ticks += 1
                 self.max_batch = max(self.max_batch, len(jobs))
                 for (_, fut), res in zip(batch, results):

@@ -197,3 +197,68 @@ def test_tree_policy_shrinks_to_skip_under_load_and_drafts_when_idle():
     padded = Load(requests=1.0, c0=0.040, c1=0.004, quantum=8)
     assert padded.share(1) == padded.share(8) < padded.share(9)
     assert pol.choose(padded) == small and pol.choose(Load(1.0, 0.040, 0.004, quantum=1)) == SKIP
+
+
+def test_thread_tuner_learns_the_faster_count_per_tick_size_and_keeps_checking():
+    from taps.scheduler import ThreadTuner
+
+    tuner = ThreadTuner({1, 2}, explore=0.01, seed=0)
+    # simulated machine: 2 threads win small ticks (memory-bound), 1 thread wins big ones (a busy neighbour);
+    # right after a switch a count runs slow (its threads were asleep): those ticks must not decide
+    cost = {(1, 1): 1.9, (1, 2): 1.0, (32, 1): 1.0, (32, 2): 1.6}
+    picks, last = {1: [], 32: []}, None
+    for i in range(800):
+        rows = 1 if (i // 20) % 2 == 0 else 32
+        n = tuner.choose(rows)
+        picks[rows].append(n)
+        tuner.observe(rows, n, cost[(rows, n)] * (3.0 if n != last else 1.0))
+        last = n
+    late = {r: p[100:] for r, p in picks.items()}
+    assert late[1].count(2) > 0.85 * len(late[1]) and late[32].count(1) > 0.85 * len(late[32])
+    assert 0 < late[1].count(1) and 0 < late[32].count(2)  # still explores, so a change in load is seen
+    assert tuner.summary()["1"][2][1] == 1.0 and set(tuner.summary()) == {"1", "17-64"}
+    # the load changes: 1 thread becomes the better one for small ticks; the tuner follows
+    cost[(1, 1)], cost[(1, 2)] = 0.8, 2.0
+    after = []
+    for _ in range(1500):
+        after.append(tuner.choose(1))
+        tuner.observe(1, after[-1], cost[(1, after[-1])])
+    assert after[-500:].count(1) > 0.85 * 500
+    assert ThreadTuner([4]).choose(7) == 4
+    with pytest.raises(ValueError):
+        ThreadTuner([0])
+
+
+def test_ticks_run_under_the_tuners_thread_count(model):
+    from taps.scheduler import ThreadTuner
+
+    threads = torch.get_num_threads()
+    seen = []
+    runner = VerifierRunner(model, max_len=64)
+    step = runner.step
+    runner.step = lambda jobs: (seen.append(torch.get_num_threads()), step(jobs))[1]
+    try:
+        sched = BatchingVerifier(runner, cost=(0.01, 0.001), threads=ThreadTuner({1, 2}, run=3, settle=1))
+
+        async def run():
+            for i in range(8):
+                await sched.submit(PrefillJob(f"r{i}", [1, 2, 3], SamplingConfig()))
+
+        asyncio.run(run())
+        assert seen[:6] == [2, 2, 2, 1, 1, 1]  # runs of 3, the most threads first
+        assert sum(sched.threads.ticks.values()) == 8 - 1  # the tick after the switch is not scored
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_online_policy_leaves_an_arms_cold_first_step_out_of_its_cost():
+    small = TreeConfig(depth=1, top_k=1, total_tokens=2)
+    pol = TreePolicy({SKIP: 1e-3, small: 2e-3}, warmup=2, exploration=0.0, online=True, nodes={SKIP: 1, small: 2})
+    pol.observe(small, 2, seconds=0.050, draft_s=0.040)  # the drafter's first call: connection, caches
+    assert pol.arms[1].cost_s == 0.050  # alone, the first step is all there is
+    pol.observe(small, 2, seconds=0.012, draft_s=0.002)
+    pol.observe(small, 1, seconds=0.010, draft_s=0.002)
+    pol.observe(SKIP, 1, seconds=0.009)
+    pol.observe(SKIP, 1, seconds=0.009)
+    assert pol.arms[1].cost_s == pytest.approx(0.011) and pol.arms[1].draft_s == pytest.approx(0.002)
+    assert pol.choose() == small  # 1.67 tokens per 11 ms beats 1 per 9 ms (with the cold step: 1.67 per 24 ms)

@@ -85,3 +85,34 @@ def test_merged_default_keeps_the_drafter_that_pays_and_drops_the_one_that_does_
     assert last["bad"] == 0 and last["good"] > 0  # the last request drafted with `good` alone
     assert outs[-1].stats.acceptance_length > 3.0  # its chains are accepted whole
     assert set(outs[-1].stats.selected) == {"good"}
+
+
+def test_the_policy_times_only_steps_whose_drafters_are_caught_up(setup):
+    """A drafting step after SKIP steps (or a request's first) carries the drafter's catch-up on the
+    pairs it missed: its time is not the arm's cost, so the policy gets tokens but no seconds for it."""
+    from taps.adaptive import SKIP, TreePolicy
+
+    model, ref = setup
+    tree = TreeConfig(depth=2, top_k=1, total_tokens=3)
+    script = [tree, tree, SKIP, SKIP, tree, tree, tree] + [SKIP] * 40
+
+    class Scripted(TreePolicy):
+        def __init__(self):
+            super().__init__({SKIP: 1e-3, tree: 3e-3}, online=True)
+            self.seen = []
+
+        def choose(self, load=None, request=None):
+            return script[len(self.seen)]
+
+        def observe(self, config, emitted, seconds=None, draft_s=None, request=None):
+            self.seen.append((config, seconds is not None))
+            super().observe(config, emitted, seconds, draft_s, request)
+
+    policy = Scripted()
+    good = ChainProposer("good", ref, wrong=False, delay_s=0.0)
+    verifier = LocalVerifier(BatchingVerifier(VerifierRunner(model, max_len=256), cost=(0.002, 0.0001)))
+    out = asyncio.run(collect(decode(verifier, {"good": good}, PROMPT, parse_strategy("single:good", []),
+                                     SamplingConfig(), 20, frozenset(), TreeConfig(), policy=policy)))
+    assert out.token_ids == ref[:20]
+    # first draft: the prompt (untimed); second: caught up; SKIPs timed; after SKIPs: catch-up, then steady
+    assert [t for _, t in policy.seen[:7]] == [False, True, True, True, False, True, True]
