@@ -142,13 +142,25 @@ class DecodeService:
                               {n: pick_replica(ready[n], job.request_id)["address"] for n in strategy.drafters},
                               self.tree, self.cfg.tree.mode == "auto", self.cfg.deadline_ms / 1000, tuple(job.stop),
                               job.output)
-            async with self._sem:
+            try:  # bounded: a request never waits forever for a slot
+                await asyncio.wait_for(self._sem.acquire(), timeout=self.cfg.queue_timeout_s)
+            except asyncio.TimeoutError:
+                raise QueueFull(f"server busy: no decode slot within {self.cfg.queue_timeout_s:g} s, retry later") from None
+            try:
                 yield Started(strategy.name, list(strategy.drafters))
                 events = verifier.generate.options(num_returns="streaming").remote(plan)
                 finished = False
                 try:
-                    async for ref in events:
-                        event = await ref
+                    stream = events.__aiter__()
+                    while True:
+                        try:  # bounded: a verifier that hangs costs a 503, not a request held forever
+                            ref = await asyncio.wait_for(stream.__anext__(), timeout=self.cfg.event_timeout_s)
+                            event = await asyncio.wait_for(ref, timeout=self.cfg.event_timeout_s)
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.TimeoutError:
+                            raise VerifierUnavailableError(
+                                f"verifier sent nothing for {self.cfg.event_timeout_s:g} s, retry") from None
                         if isinstance(event, Started):
                             continue
                         finished = isinstance(event, Finished)
@@ -158,6 +170,8 @@ class DecodeService:
                 finally:
                     if not finished:  # the caller left (or failed): stop decoding, free the request's state
                         ray.cancel(events)
+            finally:
+                self._sem.release()
         finally:
             self._waiting -= 1
 

