@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,37 @@ class DecodePlan:
     deadline_s: float = 5.0  # per-step drafter deadline: a late drafter sits the step out
     stop: tuple[str, ...] = ()
     output: OutputOptions = field(default_factory=OutputOptions)  # ignore_eos, stop string, special tokens
+    stream_interval_s: float = 0.0  # streamed: after the first tokens, one event per this much time (0: per step)
+
+
+def _merge(into: Emitted, event: Emitted) -> Emitted:
+    into.extend(event)
+    into.text += event.text
+    if event.logprobs is not None:
+        into.logprobs = (into.logprobs or []) + list(event.logprobs)
+    return into
+
+
+async def paced(events, streamed: bool, interval_s: float, clock=time.monotonic):
+    """The decode loop's events as they go back to the caller. Streamed: the first tokens at once, then
+    the steps' tokens merged into one Emitted per `interval_s` (0: every step's own), each flushed
+    before Finished; not streamed: all tokens as one Emitted before Finished. Every event is a Ray
+    object through the decode service and the front end, whose processes share the cores with the
+    verifier (under load those per-step hops were most of the CPU; docs/performance.md)."""
+    interval = interval_s if streamed else float("inf")
+    pending, last = Emitted(), None
+    async for event in events:
+        if isinstance(event, Emitted):
+            _merge(pending, event)
+            now = clock()
+            if streamed and (last is None or now - last >= interval):
+                yield pending
+                pending, last = Emitted(), now
+            continue
+        if isinstance(event, Finished) and pending:
+            yield pending
+            pending = Emitted()
+        yield event
 
 
 class VerifierActor:
@@ -122,23 +154,7 @@ class VerifierActor:
                      text=TextStream(tokenizer, plan.stop, out.include_stop_str, out.skip_special_tokens),
                      ignore_eos=out.ignore_eos)
         try:
-            if out.streamed:
-                async for event in gen:
-                    yield event
-                return
-            # not streamed: the steps' tokens go back as one Emitted before Finished, not one Ray object
-            # per step through the decode service and the front end (under load those hops were most
-            # of the CPU; docs/performance.md)
-            merged = Emitted()
-            async for event in gen:
-                if isinstance(event, Emitted):
-                    merged.extend(event)
-                    merged.text += event.text
-                    if event.logprobs is not None:
-                        merged.logprobs = (merged.logprobs or []) + list(event.logprobs)
-                    continue
-                if isinstance(event, Finished) and merged:
-                    yield merged
+            async for event in paced(gen, out.streamed, plan.stream_interval_s):
                 yield event
         finally:
             await gen.aclose()

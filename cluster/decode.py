@@ -141,7 +141,7 @@ class DecodeService:
             plan = DecodePlan(job.request_id, list(job.prompt_ids), job.sampling, job.max_new_tokens, strategy,
                               {n: pick_replica(ready[n], job.request_id)["address"] for n in strategy.drafters},
                               self.tree, self.cfg.tree.mode == "auto", self.cfg.deadline_ms / 1000, tuple(job.stop),
-                              job.output)
+                              job.output, self.cfg.stream_interval_ms / 1000)
             try:  # bounded: a request never waits forever for a slot
                 await asyncio.wait_for(self._sem.acquire(), timeout=self.cfg.queue_timeout_s)
             except asyncio.TimeoutError:
