@@ -400,8 +400,7 @@ def plot_costs(report: dict, path: str) -> None:
 def cost_report(args) -> int:
     from taps.costmodel import dtype_name, measure_drafter, measure_verifier
     from taps.drafting import DrafterRunner
-    from taps.models.quant import int8_supported, packed_int8_supported
-    from taps.runtime import build_drafter, load_default_verifier, resolve_drafter
+    from taps.runtime import build_drafter, int8_options, load_default_verifier, resolve_drafter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -417,8 +416,7 @@ def cost_report(args) -> int:
         print("| tokens | " + " | ".join(str(n) for n in sizes) + " |")
         print("| --- " * (len(sizes) + 1) + "|")
         print("| ms | " + " | ".join(f"{1000 * x:.1f}" for x in curve) + " |")
-    drafter_dtypes = ((torch.float32, torch.bfloat16) + (("int8",) if int8_supported() else ())
-                      + (("int8-avx2", "w8a8-avx2") if packed_int8_supported() else ()))
+    drafter_dtypes = (torch.float32, torch.bfloat16) + int8_options("cpu")
     for dt in args.cost_engines.split(","):
         v = load_default_verifier(None, dt)
         vt = measure_verifier(v.model, sizes=sizes, repeats=5)

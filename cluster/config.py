@@ -65,8 +65,8 @@ class AppConfig(BaseModel):
     max_queue: int = Field(32, ge=0)  # requests waiting per replica beyond that get 429
     deadline_ms: int = Field(5000, ge=10)  # per-step drafter deadline; late drafters sit the step out
     queue_timeout_s: float = Field(300.0, gt=0)  # a request waiting longer for a decode slot gets 429
-    event_timeout_s: float = Field(120.0, gt=0)
-    stream_interval_ms: float = Field(0.0, ge=0)  # streamed: one event per this much time after the first (0: per step)  # no event from the verifier for this long: 503, decode cancelled
+    event_timeout_s: float = Field(120.0, gt=0)  # no event from the verifier for this long: 503, decode cancelled
+    stream_interval_ms: float = Field(0.0, ge=0)  # streamed: one event per this much time after the first (0: per step)
     gpu: bool = False  # ask Ray for GPUs (cluster) instead of CPU shares (local)
     grpc_host: str = "127.0.0.1"  # drafter gRPC bind address: 127.0.0.1 locally, node-ip on a cluster
     threads: int = 0  # torch threads per actor (0: default)

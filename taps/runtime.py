@@ -14,7 +14,7 @@ from taps.costmodel import describe_times, dtype_name, fastest_dtype, measure_dr
 from taps.drafting import DrafterRunner
 from taps.engine import TapsEngine
 from taps.lookup import PromptLookupRunner, is_lookup
-from taps.models.drafter import INT8, INT8_AVX2, QUANT_KERNELS, W8A8_AVX2, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
+from taps.models.drafter import AVX2_KINDS, INT8, INT8_AVX2, QUANT_KERNELS, W8A8_AVX2, EagleDrafter, compute_dtype, load_drafter, new_drafter, quantize_int8
 from taps.models.loading import Verifier, VerifierParts, load_verifier
 from taps.models.quant import int8_supported, packed_int8_supported, quantize_verifier
 from taps.verify import VerifierRunner
@@ -51,7 +51,7 @@ def parse_dtype(name: str) -> torch.dtype:
 # target model of its own: the AVX2 engines are identical to their own `none` alone or batched; int8
 # returns bf16 logits whose ties can flip, docs/api.md).
 ENGINES = ("float32", "bfloat16", "float16", "float64", INT8, INT8_AVX2, W8A8_AVX2)
-AVX2_ENGINES = (INT8_AVX2, W8A8_AVX2)
+AVX2_ENGINES = AVX2_KINDS
 INT8_MODEL_DTYPE = torch.float32
 INT8_ACT_DTYPE = torch.bfloat16
 

@@ -66,11 +66,15 @@ class LoadMeter:
         self.scale = 1.0  # observed tick seconds / predicted
         self.ticks = 0
 
+    def predict(self, rows: int) -> float:
+        """Seconds of a tick of `rows` (padded) rows on the start-up cost line, unscaled."""
+        return self.c0 + self.c1 * rows
+
     def observe(self, requests: int, rows: int, seconds: float) -> None:
         self.ticks += 1
         d = self.decay
         self.requests = d * self.requests + (1 - d) * requests
-        predicted = self.c0 + self.c1 * rows
+        predicted = self.predict(rows)
         if predicted > 0 and seconds > 0:
             self.scale = d * self.scale + (1 - d) * min(10.0, max(0.1, seconds / predicted))
 
@@ -272,7 +276,7 @@ class BatchingVerifier:
                 if tick is not None:
                     rows = padded(tick.rows, self.runner.pad_to)
                     if n_threads is not None:  # against the start-up cost line (fixed, whatever the threads)
-                        self.threads.observe(tick.rows, n_threads, self._last_tick_s / (self.meter.c0 + self.meter.c1 * rows))
+                        self.threads.observe(tick.rows, n_threads, self._last_tick_s / self.meter.predict(rows))
                     self.meter.observe(tick.requests, rows, self._last_tick_s)
                 self.ticks += 1
                 self.max_batch = max(self.max_batch, len(jobs))

@@ -180,12 +180,13 @@ INT8 = "int8"  # a drafter "dtype": int8 weight-only linears, bf16 activations a
 INT8_AVX2 = "int8-avx2"  # the same int8 weights run by taps/kernels' AVX2 kernel, float32 activations and KV cache
 W8A8_AVX2 = "w8a8-avx2"  # ... by its int8-activation kernel: rows quantised to int8 into each matmul, float32 between
 QUANT_KERNELS = {INT8: "torch", INT8_AVX2: "avx2", W8A8_AVX2: "w8a8"}  # int8 option -> taps.models.quant kernel
+AVX2_KINDS = (INT8_AVX2, W8A8_AVX2)  # the options run by taps/kernels (float32 between matmuls)
 
 
 def compute_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The activation dtype of a drafter dtype option (INT8 computes in bf16, the AVX2 kernels in
     float32; None stays None)."""
-    return torch.bfloat16 if dtype == INT8 else torch.float32 if dtype in (INT8_AVX2, W8A8_AVX2) else dtype
+    return torch.bfloat16 if dtype == INT8 else torch.float32 if dtype in AVX2_KINDS else dtype
 
 
 def quantize_int8(drafter: EagleDrafter, kernel: str = "torch") -> EagleDrafter:
